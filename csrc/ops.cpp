@@ -220,6 +220,12 @@ TORCH_LIBRARY(fips_kernels_cuda, m) {
   m.def(
       "reconstruct_nm(Tensor U, Tensor values, Tensor indices, int K, int N, "
       "int n, int m, bool contract) -> Tensor");
+  // act(A . B + bias) with B (K x N) a packed dense / nm / bitmap factor
+  // (docs/FORMATS.md), decompressed in shared memory; see csrc/spmm_tile.h.
+  m.def(
+      "sparse_mm(Tensor A, Tensor values, Tensor? aux0, Tensor? aux1, Tensor? scales, "
+      "Tensor? bias, str fmt, int K, int N, int p0, int p1, int qbits, int qgroup, "
+      "bool transpose, str activation, int split_k, ScalarType? out_dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fips_kernels_cuda, CPU, m) {

@@ -55,6 +55,16 @@ def _register_fakes() -> None:
     torch.library.register_fake(
         f"{OP_NAMESPACE}::reconstruct_nm", reconstruct_nm_fake
     )
+    if not hasattr(ops, "sparse_mm"):
+        return
+
+    def sparse_mm_fake(A, values, aux0, aux1, scales, bias, fmt, K, N, p0, p1, qbits, qgroup,
+                       transpose, activation, split_k, out_dtype):
+        torch._check(A.dim() == 2, lambda: f"A must be 2-D (M, K), got {A.dim()}-D")
+        torch._check(A.shape[1] == K, lambda: f"A must be (M, {K}), got {tuple(A.shape)}")
+        return A.new_empty((A.shape[0], N), dtype=out_dtype or A.dtype)
+
+    torch.library.register_fake(f"{OP_NAMESPACE}::sparse_mm", sparse_mm_fake)
 
 
 def load() -> bool:

@@ -1,0 +1,40 @@
+// Host side of fips_kernels_cuda::sparse_mm, shared by the CPU emulation
+// (sparse_mm_host.cpp) and the CUDA launcher (sparse_mm.cu): argument
+// checks with readable messages, the split-K choice, and the Params a block
+// program reads.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <vector>
+
+#include "spmm_tile.h"
+
+namespace fips_kernels {
+
+struct SparseMMCall {
+  spmm::Params p{};
+  at::Tensor out;                 // (M, N)
+  at::Tensor ws;                  // (split, M, N) fp32 when split > 1
+  std::vector<at::Tensor> keep;   // contiguous / realigned inputs the Params point into
+  bool bf16 = false;
+  int64_t grid_n = 0, grid_m = 0; // blocks along N and M (grid.z = p.split)
+};
+
+// Validates the op's arguments (TORCH_CHECK naming the argument, its shape,
+// dtype or device) and describes the launch. `sm_count` is the number of
+// multiprocessors split-K should fill when split_k == 0. Never reads device
+// memory: the bitmap offsets are trusted (SparseFactor validates them).
+SparseMMCall prepare_sparse_mm(const at::Tensor& A, const at::Tensor& values,
+                               const std::optional<at::Tensor>& aux0,
+                               const std::optional<at::Tensor>& aux1,
+                               const std::optional<at::Tensor>& scales,
+                               const std::optional<at::Tensor>& bias, c10::string_view fmt,
+                               int64_t K, int64_t N, int64_t p0, int64_t p1, int64_t qbits,
+                               int64_t qgroup, bool transpose, c10::string_view activation,
+                               int64_t split_k, std::optional<at::ScalarType> out_dtype,
+                               int64_t sm_count);
+
+}  // namespace fips_kernels

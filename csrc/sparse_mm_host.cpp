@@ -1,0 +1,373 @@
+// fips_kernels_cuda::sparse_mm: argument checks, and the CPU implementation,
+// which runs the CUDA kernel's block program (spmm_tile.h) thread by thread
+// and warp by warp: the same 16-byte staging with zero fill, the same decode
+// into the n-major tile, the same mma.sync fragment registers, handed to an
+// emulated m16n8k16 written from the PTX fragment tables. The CPU tests of
+// this op are therefore tests of the GPU kernel's indexing.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "sparse_mm.h"
+
+namespace fips_kernels {
+
+namespace {
+
+constexpr const char* kOp = "fips_kernels_cuda::sparse_mm";
+
+void expect_shape(const at::Tensor& t, const char* name, std::vector<int64_t> want,
+                  const std::string& why) {
+  TORCH_CHECK(t.sizes().vec() == want, kOp, ": ", name, " must have shape ",
+              c10::IntArrayRef(want), " (", why, "), got ", t.sizes());
+}
+
+// cp.async reads 16-byte chunks from 16-byte aligned array starts: a view that
+// starts mid-allocation is copied once (a fresh allocation is aligned).
+at::Tensor contiguous_aligned(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
+}  // namespace
+
+SparseMMCall prepare_sparse_mm(const at::Tensor& A_, const at::Tensor& values_,
+                               const std::optional<at::Tensor>& aux0_,
+                               const std::optional<at::Tensor>& aux1_,
+                               const std::optional<at::Tensor>& scales_,
+                               const std::optional<at::Tensor>& bias_, c10::string_view fmt_,
+                               int64_t K, int64_t N, int64_t p0, int64_t p1, int64_t qbits,
+                               int64_t qgroup, bool transpose, c10::string_view activation,
+                               int64_t split_k, std::optional<at::ScalarType> out_dtype,
+                               int64_t sm_count) {
+  using namespace spmm;
+  using spmm::cdiv;
+  const std::string fmt(fmt_.data(), fmt_.size());
+  const std::string act(activation.data(), activation.size());
+  SparseMMCall call;
+  Params& p = call.p;
+
+  TORCH_CHECK(fmt == "dense" || fmt == "nm" || fmt == "bitmap", kOp, ": format must be 'dense', ",
+              "'nm' or 'bitmap' (csr and ell have no CUDA kernel), got '", fmt, "'");
+  TORCH_CHECK(act == "none" || act == "gelu" || act == "silu", kOp,
+              ": activation must be 'none', 'gelu' or 'silu', got '", act, "'");
+  TORCH_CHECK(!transpose || fmt == "dense", kOp, ": transpose=True is only for the dense format, got '",
+              fmt, "'");
+  TORCH_CHECK(!(transpose && qbits == 4), kOp, ": a transposed dense factor cannot be int4");
+  TORCH_CHECK(K >= 0 && N >= 0, kOp, ": K and N must be >= 0, got K=", K, ", N=", N);
+  TORCH_CHECK(A_.dim() == 2, kOp, ": A must be 2-D (M, K), got ", A_.dim(), "-D with shape ",
+              A_.sizes());
+  const auto st = A_.scalar_type();
+  TORCH_CHECK(st == at::kHalf || st == at::kBFloat16, kOp,
+              ": A must be float16 or bfloat16 (the kernel runs fp16/bf16 tensor cores), got ", st);
+  TORCH_CHECK(A_.size(1) == K, kOp, ": A must be (M, K) with K=", K, ", got ", A_.sizes());
+  TORCH_CHECK(qbits == 0 || qbits == 8 || qbits == 4, kOp, ": qbits must be 0, 8 or 4, got ", qbits);
+  TORCH_CHECK(split_k >= 0 && split_k <= MAX_SPLIT, kOp, ": split_k must be in 0..", MAX_SPLIT,
+              " (0 = choose), got ", split_k);
+  const at::ScalarType out_type = out_dtype.value_or(st);
+  TORCH_CHECK(out_type == st || out_type == at::kFloat, kOp, ": out_dtype must be A's dtype (", st,
+              ") or float32, got ", out_type);
+
+  auto same_device = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device() == A_.device(), kOp, ": ", name, " is on ", t.device(),
+                " but A is on ", A_.device(), " (all tensors must be on one device)");
+  };
+  same_device(values_, "values");
+
+  // values
+  const int vb = qbits ? static_cast<int>(qbits) : 16;
+  if (qbits) {
+    TORCH_CHECK(values_.scalar_type() == at::kChar, kOp, ": int", qbits,
+                " values must be stored as int8, got ", values_.scalar_type());
+  } else {
+    TORCH_CHECK(values_.scalar_type() == st, kOp, ": values dtype must match A (", st, "), got ",
+                values_.scalar_type());
+  }
+  auto packed_rows = [&](int64_t rows) { return vb == 4 ? cdiv(rows, 2) : rows; };
+  int64_t n = 1, m = 2;
+  if (fmt == "dense") {
+    if (transpose) {
+      expect_shape(values_, "values", {N, K}, "a transposed dense factor stores (N, K)");
+    } else {
+      expect_shape(values_, "values", {packed_rows(K), N},
+                   vb == 4 ? "int4 dense: ceil(K/2) byte rows of N" : "dense: (K, N)");
+    }
+  } else if (fmt == "nm") {
+    n = p0;
+    m = p1;
+    TORCH_CHECK(nm::valid_m(m), kOp, ": nm m must be one of 2, 4, 8, 16, got m=", m);
+    TORCH_CHECK(n >= 1 && n <= m, kOp, ": nm needs 1 <= n <= m, got ", n, ":", m);
+    expect_shape(values_, "values", {packed_rows(nm::values_rows(K, n, m)), N},
+                 "nm: G*n stored rows of N, G = ceil(K/m)" +
+                     std::string(vb == 4 ? ", int4 packs two rows per byte row" : ""));
+    TORCH_CHECK(aux0_.has_value(), kOp, ": the nm format needs aux0 (the packed indices)");
+    same_device(*aux0_, "aux0 (indices)");
+    TORCH_CHECK(aux0_->scalar_type() == at::kInt, kOp, ": nm indices must be int32, got ",
+                aux0_->scalar_type());
+    expect_shape(*aux0_, "aux0 (indices)", {nm::index_rows(K, n, m), N},
+                 "ceil(G*n/P) words of N, P entries per int32 word");
+  } else {
+    TORCH_CHECK(p0 == BK && p1 == BN, kOp, ": the CUDA kernel reads bitmap tiles of (", BK, ", ", BN,
+                ") only, got (", p0, ", ", p1, ")");
+    TORCH_CHECK(aux0_.has_value() && aux1_.has_value(), kOp,
+                ": the bitmap format needs aux0 (bitmask) and aux1 (offsets)");
+    same_device(*aux0_, "aux0 (bitmask)");
+    same_device(*aux1_, "aux1 (offsets)");
+    TORCH_CHECK(aux0_->scalar_type() == at::kInt && aux1_->scalar_type() == at::kInt, kOp,
+                ": bitmap bitmask and offsets must be int32, got ", aux0_->scalar_type(), " and ",
+                aux1_->scalar_type());
+    const int64_t T = cdiv(K, BK) * cdiv(N, BN);
+    expect_shape(*aux0_, "aux0 (bitmask)", {T, BK, BN / 32}, "one (64, 2) word mask per 64x64 tile");
+    expect_shape(*aux1_, "aux1 (offsets)", {T + 1}, "T + 1 value offsets");
+    TORCH_CHECK(values_.dim() == 1, kOp, ": bitmap values must be 1-D, got ", values_.sizes());
+  }
+
+  // scales
+  if (qbits) {
+    TORCH_CHECK(qgroup >= 1, kOp, ": qgroup must be >= 1, got ", qgroup);
+    TORCH_CHECK(scales_.has_value(), kOp, ": int", qbits, " values need scales");
+    same_device(*scales_, "scales");
+    TORCH_CHECK(scales_->scalar_type() == st, kOp, ": scales dtype must match A (", st, "), got ",
+                scales_->scalar_type());
+    if (transpose) {
+      expect_shape(*scales_, "scales", {cdiv(N, qgroup), K}, "transposed: (ceil(N/qgroup), K)");
+    } else {
+      expect_shape(*scales_, "scales", {cdiv(K, qgroup), N}, "(ceil(K/qgroup), N)");
+    }
+  } else {
+    TORCH_CHECK(!scales_.has_value(), kOp, ": scales given but qbits is 0");
+  }
+  if (bias_.has_value()) {
+    same_device(*bias_, "bias");
+    TORCH_CHECK(bias_->scalar_type() == st, kOp, ": bias dtype must match A (", st, "), got ",
+                bias_->scalar_type());
+    expect_shape(*bias_, "bias", {N}, "one per output column");
+  }
+
+  const at::Tensor A = contiguous_aligned(A_);
+  const at::Tensor values = contiguous_aligned(values_);
+  call.keep = {A, values};
+  const int64_t M = A.size(0);
+  call.out = at::empty({M, N}, A.options().dtype(out_type));
+  call.bf16 = st == at::kBFloat16;
+
+  p.A = static_cast<const uint8_t*>(A.data_ptr());
+  p.M = M;
+  p.K = K;
+  p.N = N;
+  p.values = static_cast<const uint8_t*>(values.data_ptr());
+  p.v_bytes = values.numel() * values.element_size();
+  if (aux0_.has_value()) {
+    at::Tensor a0 = contiguous_aligned(*aux0_);
+    call.keep.push_back(a0);
+    p.aux0 = a0.data_ptr<int32_t>();
+    p.aux0_bytes = a0.numel() * 4;
+  }
+  if (aux1_.has_value() && fmt == "bitmap") {
+    at::Tensor a1 = aux1_->contiguous();
+    call.keep.push_back(a1);
+    p.aux1 = a1.data_ptr<int32_t>();
+  }
+  if (qbits) {
+    at::Tensor s = scales_->contiguous();
+    call.keep.push_back(s);
+    p.scales = static_cast<const uint16_t*>(s.data_ptr());
+  }
+  if (bias_.has_value()) {
+    at::Tensor b = bias_->contiguous();
+    call.keep.push_back(b);
+    p.bias = static_cast<const uint16_t*>(b.data_ptr());
+  }
+  p.out = call.out.data_ptr();
+  p.fmt = fmt == "dense" ? kDense : fmt == "nm" ? kNM : kBitmap;
+  p.n = static_cast<int>(n);
+  p.m = static_cast<int>(m);
+  p.qbits = static_cast<int>(qbits);
+  p.qgroup = static_cast<int>(qbits ? qgroup : 1);
+  p.transpose = transpose ? 1 : 0;
+  p.act = act == "gelu" ? kGelu : act == "silu" ? kSilu : kNone;
+  p.out_fp32 = out_type == at::kFloat ? 1 : 0;
+  // Decode (M <= 16) fills one 16-row mma tile; larger M trades smem for reuse of each decoded B tile.
+  p.bm = M <= 16 ? 16 : M <= 32 ? 32 : 64;
+
+  call.grid_n = cdiv(N, BN);
+  call.grid_m = cdiv(M, p.bm);
+  const int64_t kbs = cdiv(K, BK);
+  int64_t split = split_k;
+  if (split == 0) {
+    // Enough blocks for two waves over the multiprocessors, but at least
+    // two K blocks per split so the cp.async ring has something to overlap.
+    const int64_t tiles = std::max<int64_t>(1, call.grid_n * call.grid_m);
+    split = std::min<int64_t>({cdiv(2 * std::max<int64_t>(sm_count, 1), tiles),
+                               std::max<int64_t>(kbs / 2, 1), 16});
+    split = std::max<int64_t>(split, 1);
+  }
+  const int64_t per = kbs == 0 ? 1 : cdiv(kbs, std::min(split, kbs));
+  p.kb_per_split = static_cast<int>(per);
+  p.split = static_cast<int>(kbs == 0 ? 1 : cdiv(kbs, per));
+  if (p.split > 1 && M > 0 && N > 0) {
+    call.ws = at::empty({p.split, M, N}, A.options().dtype(at::kFloat));
+    p.ws = call.ws.data_ptr<float>();
+  }
+  return call;
+}
+
+namespace {
+
+struct HalfCvt {
+  static float to_float(uint16_t b) { return static_cast<float>(c10::Half(b, c10::Half::from_bits())); }
+  static uint16_t from_float(float f) { return c10::Half(f).x; }
+};
+
+struct BF16Cvt {
+  static float to_float(uint16_t b) {
+    return static_cast<float>(c10::BFloat16(b, c10::BFloat16::from_bits()));
+  }
+  static uint16_t from_float(float f) { return c10::BFloat16(f).x; }
+};
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d = A (16x16) . B (16x8) + c,
+// reading each lane's registers by the PTX ISA's fragment tables.
+template <typename Cvt>
+void mma_m16n8k16(const uint32_t a[32][4], const uint32_t b[32][2], float c[32][4]) {
+  float A[16][16], B[16][8];
+  auto half = [](uint32_t r, int h) { return Cvt::to_float(static_cast<uint16_t>(h ? r >> 16 : r & 0xFFFF)); };
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane / 4, t = lane % 4;
+    for (int h = 0; h < 2; ++h) {
+      A[g][2 * t + h] = half(a[lane][0], h);
+      A[g + 8][2 * t + h] = half(a[lane][1], h);
+      A[g][2 * t + 8 + h] = half(a[lane][2], h);
+      A[g + 8][2 * t + 8 + h] = half(a[lane][3], h);
+      B[2 * t + h][g] = half(b[lane][0], h);
+      B[2 * t + 8 + h][g] = half(b[lane][1], h);
+    }
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane / 4, t = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+      float s = 0.f;
+      for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
+      c[lane][i] += s;
+    }
+  }
+}
+
+// One thread block of the CUDA kernel, in the kernel's order of operations.
+template <typename Cvt>
+void run_block(const spmm::Params& p, int64_t nb, int64_t mb, int z) {
+  using namespace spmm;
+  const Geom g = make_geom(p);
+  std::vector<uint64_t> mem(static_cast<size_t>(smem_bytes(p) + 7) / 8);  // 16-byte alignment is
+  uint8_t* smem = reinterpret_cast<uint8_t*>(mem.data());                  // not needed on the host
+  uint8_t* bs = smem + STAGES * g.stage_bytes;
+  const int64_t m0 = mb * p.bm;
+  const int MT = p.bm / 16;
+  std::vector<float> acc(static_cast<size_t>(WARPS) * 32 * MT * 2 * 4, 0.f);
+  auto A_at = [&](int w, int lane, int mt, int nt) { return &acc[(((w * 32 + lane) * MT + mt) * 2 + nt) * 4]; };
+
+  int64_t kb_begin, kb_end;
+  split_range(p, z, &kb_begin, &kb_end);
+  const int64_t nkb = std::max<int64_t>(kb_end - kb_begin, 0);
+  const int slots = stage_slots(g);
+  auto issue = [&](int s, int64_t kb) {
+    for (int tid = 0; tid < THREADS; ++tid) {
+      for (int slot = tid; slot < slots; slot += THREADS) {
+        const Copy c = slot_copy(p, g, slot, kb, nb, m0, s * g.stage_bytes);
+        if (!c.active) continue;
+        memset(smem + c.dst, 0, CHUNK);
+        if (c.bytes) memcpy(smem + c.dst, c.src, c.bytes);
+      }
+    }
+  };
+  for (int s = 0; s < STAGES - 1; ++s)
+    if (s < nkb) issue(s, kb_begin + s);
+  uint32_t a[32][4], b[32][2];
+  float c[32][4];
+  for (int64_t it = 0; it < nkb; ++it) {
+    if (it + STAGES - 1 < nkb) issue(static_cast<int>((it + STAGES - 1) % STAGES), kb_begin + it + STAGES - 1);
+    const int64_t kb = kb_begin + it;
+    const uint8_t* stage = smem + (it % STAGES) * g.stage_bytes;
+    for (int tid = 0; tid < THREADS; ++tid) decode<Cvt>(p, g, stage, bs, tid, kb, nb);
+    for (int w = 0; w < WARPS; ++w) {
+      for (int ks = 0; ks < BK / 16; ++ks) {
+        for (int mt = 0; mt < MT; ++mt) {
+          for (int lane = 0; lane < 32; ++lane) load_a_frag(p, g, stage, lane, mt, ks, kb, m0, a[lane]);
+          for (int nt = 0; nt < 2; ++nt) {
+            for (int lane = 0; lane < 32; ++lane) {
+              load_b_frag(bs, lane, w, nt, ks, b[lane]);
+              memcpy(c[lane], A_at(w, lane, mt, nt), sizeof(c[lane]));
+            }
+            mma_m16n8k16<Cvt>(a, b, c);
+            for (int lane = 0; lane < 32; ++lane) memcpy(A_at(w, lane, mt, nt), c[lane], sizeof(c[lane]));
+          }
+        }
+      }
+    }
+  }
+  for (int w = 0; w < WARPS; ++w)
+    for (int lane = 0; lane < 32; ++lane)
+      for (int mt = 0; mt < MT; ++mt)
+        for (int nt = 0; nt < 2; ++nt)
+          for (int i = 0; i < 4; ++i) {
+            int row, col;
+            c_coord(lane, w, mt, nt, i, &row, &col);
+            epilogue<Cvt>(p, m0 + row, nb * BN + col, z, A_at(w, lane, mt, nt)[i]);
+          }
+}
+
+template <typename Cvt>
+void run_all(const SparseMMCall& call) {
+  const spmm::Params& p = call.p;
+  const int64_t blocks = call.grid_n * call.grid_m * p.split;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t nb = blk % call.grid_n;
+      const int64_t mb = (blk / call.grid_n) % call.grid_m;
+      const int z = static_cast<int>(blk / (call.grid_n * call.grid_m));
+      run_block<Cvt>(p, nb, mb, z);
+    }
+  });
+  if (p.split > 1) {
+    at::parallel_for(0, p.M * p.N, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) spmm::reduce_one<Cvt>(p, i);
+    });
+  }
+}
+
+at::Tensor sparse_mm_cpu(const at::Tensor& A, const at::Tensor& values,
+                         const std::optional<at::Tensor>& aux0, const std::optional<at::Tensor>& aux1,
+                         const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
+                         c10::string_view fmt, int64_t K, int64_t N, int64_t p0, int64_t p1,
+                         int64_t qbits, int64_t qgroup, bool transpose, c10::string_view activation,
+                         int64_t split_k, std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(A.device().is_cpu(), kOp, " (CPU): expected CPU tensors, got A on ", A.device());
+  // 4 "multiprocessors": small problems still exercise split-K in the CPU tests.
+  SparseMMCall call = prepare_sparse_mm(A, values, aux0, aux1, scales, bias, fmt, K, N, p0, p1, qbits,
+                                        qgroup, transpose, activation, split_k, out_dtype, 4);
+  if (call.out.numel() == 0) return call.out;
+  if (call.bf16) {
+    run_all<BF16Cvt>(call);
+  } else {
+    run_all<HalfCvt>(call);
+  }
+  return call.out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fips_kernels_cuda, CPU, m) {
+  m.impl("sparse_mm", &sparse_mm_cpu);
+}
+
+}  // namespace fips_kernels

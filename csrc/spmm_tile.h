@@ -1,0 +1,503 @@
+// The block program of fips_kernels_cuda::sparse_mm: out = act(A · B + bias)
+// with B (K x N) a packed factor (dense / nm / bitmap, float or int8/int4
+// values) that is decompressed in shared memory and never written to global
+// memory ("load as sparse, compute as dense").
+//
+// Everything here is a __host__ __device__ function of (thread, tile) so that
+// the CPU implementation (sparse_mm_cpu.cpp) runs the *same* staging, decode,
+// fragment and epilogue code as the CUDA kernel (sparse_mm.cu), one emulated
+// thread or warp at a time; only cp.async, mma.sync and the barriers differ.
+//
+// One block: 4 warps, a BM x 64 output tile (BM = 16, 32, 64), K in blocks
+// of 64. Per K block a stage holds the raw bytes of A's rows, the packed
+// values (and nm index words / bitmap masks), copied by 16-byte cp.async
+// chunks into a STAGES-deep ring; all threads then decode the stage into a
+// dense n-major 64 x 64 tile Bs (fp16/bf16 bit patterns), and each warp runs
+// mma.sync m16n8k16 over its 16 columns.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "nm_decode.h"
+
+namespace fips_kernels {
+namespace spmm {
+
+constexpr int BK = 64;       // K block: whole N:M groups (m <= 16) and one bitmap tile row
+constexpr int BN = 64;       // N block: one bitmap tile column; 16 columns per warp
+constexpr int THREADS = 128;
+constexpr int WARPS = THREADS / 32;
+constexpr int COLS_PER_WARP = BN / WARPS;  // 16 = two n8 mma tiles
+constexpr int STAGES = 4;    // cp.async ring depth: three K blocks in flight while one is decoded
+constexpr int CHUNK = 16;    // cp.async.cg size
+// Decoded tile Bs is n-major (Bs[c][k]) so a B fragment register (two
+// consecutive k of one column) is one aligned 32-bit load; the 8-half pad
+// makes the 8 columns x 4 k-pairs of a fragment load hit 32 distinct banks.
+constexpr int BS_PITCH = BK + 8;  // halves
+constexpr int BS_BYTES = BN * BS_PITCH * 2;
+constexpr int MAX_SPLIT = 64;
+
+enum Fmt : int { kDense = 0, kNM = 1, kBitmap = 2 };
+enum Act : int { kNone = 0, kGelu = 1, kSilu = 2 };
+
+FIPS_NM_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+FIPS_NM_HD int round16(int64_t x) { return static_cast<int>((x + 15) & ~int64_t{15}); }
+
+// Everything a block needs; plain data, passed by value to the kernel.
+struct Params {
+  const uint8_t* A;        // (M, K) fp16/bf16, contiguous rows
+  int64_t M, K, N;
+  const uint8_t* values;   // raw bytes of the factor's values
+  int64_t v_bytes;         // size of the values allocation in bytes
+  const int32_t* aux0;     // nm: indices; bitmap: bitmask
+  int64_t aux0_bytes;
+  const int32_t* aux1;     // bitmap: offsets (T + 1,)
+  const uint16_t* scales;  // quantised: (ceil(K/qg), N) fp16/bf16 bits (transposed: (ceil(N/qg), K))
+  const uint16_t* bias;    // (N,) fp16/bf16 bits or null
+  void* out;               // (M, N) fp16/bf16 or fp32
+  float* ws;               // split-K partials (split, M, N) fp32, or null
+  int fmt, n, m, qbits, qgroup, transpose, act, out_fp32;
+  int bm;                  // rows per block: 16, 32, 64
+  int split;               // K splits (grid.z)
+  int kb_per_split;        // K blocks per split
+};
+
+// ---------------------------------------------------------------- stage layout
+
+// Byte offsets of one stage's regions. Each region is `rows` rows of `pitch`
+// bytes; a row holds a copied span whose start is rounded down to 16 bytes
+// (cp.async needs 16-byte aligned source and destination), so the span's
+// first byte sits at (start & 15) within its row.
+struct Geom {
+  int a_rows, a_pitch, a_off;
+  int v_rows, v_pitch, v_off;
+  int i_rows, i_pitch, i_off;  // nm index words, or the bitmap masks (one row)
+  int stage_bytes;
+};
+
+// Bits per stored value: 16 (fp16/bf16), 8 or 4.
+FIPS_NM_HD int value_bits(const Params& p) { return p.qbits ? p.qbits : 16; }
+
+// Stored nm rows per K block: (BK / m) groups of n.
+FIPS_NM_HD int nm_rows_per_block(const Params& p) { return (BK / p.m) * p.n; }
+
+// Bytes per column in a stored row of dense/nm values: int4 packs pairs along
+// K (two rows per byte row), so a byte row still holds one byte per column.
+FIPS_NM_HD int row_bytes_per_col(const Params& p) {
+  const int vb = value_bits(p);
+  return vb == 4 ? 1 : vb / 8;
+}
+
+FIPS_NM_HD Geom make_geom(const Params& p) {
+  Geom g{};
+  const int vb = value_bits(p);
+  g.a_rows = p.bm;
+  g.a_pitch = round16(BK * 2) + CHUNK;
+  if (p.fmt == kDense && p.transpose) {  // stored (N, K): one row per output column
+    g.v_rows = BN;
+    g.v_pitch = round16(BK * vb / 8) + CHUNK;
+  } else if (p.fmt == kDense) {  // (K, N), int4 packs two K rows per byte row
+    g.v_rows = vb == 4 ? BK / 2 : BK;
+    g.v_pitch = round16(BN * row_bytes_per_col(p)) + CHUNK;
+  } else if (p.fmt == kNM) {
+    const int J = nm_rows_per_block(p);  // even for m <= 16, so int4 rows pair up exactly
+    g.v_rows = vb == 4 ? J / 2 : J;
+    g.v_pitch = round16(BN * row_bytes_per_col(p)) + CHUNK;
+    // j0 = (k0 / m) * n is a multiple of P except for m = 16 with odd n: one spare row.
+    g.i_rows = static_cast<int>(cdiv(J, nm::entries_per_word(p.m))) + 1;
+    g.i_pitch = round16(BN * 4) + CHUNK;
+  } else {  // bitmap: the tile's values as one span, its 64 x 2 mask words as another
+    g.v_rows = 1;
+    g.v_pitch = round16(BK * BN * vb / 8) + 2 * CHUNK;
+    g.i_rows = 1;
+    g.i_pitch = BK * (BN / 32) * 4;
+  }
+  g.a_off = 0;
+  g.v_off = g.a_rows * g.a_pitch;
+  g.i_off = g.v_off + g.v_rows * g.v_pitch;
+  g.stage_bytes = g.i_off + g.i_rows * g.i_pitch;
+  return g;
+}
+
+// Dynamic shared memory of a block: the stage ring, then Bs.
+FIPS_NM_HD int smem_bytes(const Params& p) { return STAGES * make_geom(p).stage_bytes + BS_BYTES; }
+
+// ---------------------------------------------------------------- staging
+
+// Where a region row's span lives in global memory.
+struct Span {
+  const uint8_t* base;  // allocation start (16-byte aligned)
+  int64_t total;        // allocation bytes: chunks past it are zero-filled
+  int64_t start;        // first byte of the span (from base)
+  int64_t len;          // bytes wanted
+};
+
+// One cp.async: `bytes` (0..16) bytes from `src`, zero-filling the rest of
+// the 16-byte destination chunk.
+struct Copy {
+  int dst;              // byte offset in the stage
+  const uint8_t* src;
+  int bytes;
+  bool active;          // false: chunk past the span, nothing to do
+};
+
+FIPS_NM_HD Copy chunk_copy(const Span& s, int row_off, int ch) {
+  Copy c{};
+  const int64_t begin = s.start & ~int64_t{15};
+  const int64_t need = (s.start - begin) + s.len;
+  c.active = static_cast<int64_t>(ch) * CHUNK < need;
+  if (!c.active) return c;
+  const int64_t at = begin + static_cast<int64_t>(ch) * CHUNK;
+  const int64_t left = s.total - at;
+  c.bytes = left <= 0 ? 0 : left >= CHUNK ? CHUNK : static_cast<int>(left);
+  c.src = c.bytes ? s.base + at : s.base;  // a zero-byte copy still names a valid address
+  c.dst = row_off + ch * CHUNK;
+  return c;
+}
+
+// Bitmap tile index and the values span [e0, e1) of stored elements.
+FIPS_NM_HD int64_t bitmap_tile(const Params& p, int64_t kb, int64_t nb) {
+  return kb * cdiv(p.N, BN) + nb;
+}
+
+// Span of region row `row` of stage for K block kb, column block nb.
+// region: 0 = A, 1 = values, 2 = index words / bitmap masks.
+FIPS_NM_HD Span region_span(const Params& p, int region, int row, int64_t kb, int64_t nb,
+                            int64_t m0) {
+  const int64_t k0 = kb * BK, n0 = nb * BN;
+  const int vb = value_bits(p);
+  Span s{};
+  if (region == 0) {
+    s.base = p.A;
+    s.total = p.M * p.K * 2;
+    s.start = ((m0 + row) * p.K + k0) * 2;
+    s.len = BK * 2;
+    return s;
+  }
+  if (region == 1) {
+    s.base = p.values;
+    s.total = p.v_bytes;
+    if (p.fmt == kDense && p.transpose) {
+      s.start = ((n0 + row) * p.K + k0) * vb / 8;
+      s.len = BK * vb / 8;
+    } else if (p.fmt == kDense || p.fmt == kNM) {
+      // byte row of the stored values: K rows (dense) or G*n rows (nm); int4 halves them
+      const int64_t row0 = p.fmt == kDense ? k0 : (k0 / p.m) * p.n;
+      const int64_t brow = (vb == 4 ? row0 / 2 : row0) + row;
+      s.start = (brow * p.N + n0) * row_bytes_per_col(p);
+      s.len = BN * row_bytes_per_col(p);
+    } else {
+      const int64_t t = bitmap_tile(p, kb, nb);
+      const int64_t e0 = p.aux1[t], e1 = p.aux1[t + 1];
+      if (vb == 4) {
+        s.start = e0 / 2;
+        s.len = (e1 + 1) / 2 - e0 / 2;
+      } else {
+        s.start = e0 * (vb / 8);
+        s.len = (e1 - e0) * (vb / 8);
+      }
+    }
+    return s;
+  }
+  s.base = reinterpret_cast<const uint8_t*>(p.aux0);
+  s.total = p.aux0_bytes;
+  if (p.fmt == kNM) {
+    const int64_t j0 = (k0 / p.m) * p.n;
+    const int64_t wrow = j0 / nm::entries_per_word(p.m) + row;
+    s.start = (wrow * p.N + n0) * 4;
+    s.len = BN * 4;
+  } else {  // bitmap masks of tile t: (BK, BN/32) words
+    s.start = bitmap_tile(p, kb, nb) * (BK * (BN / 32)) * 4;
+    s.len = BK * (BN / 32) * 4;
+  }
+  return s;
+}
+
+// Number of (region, row, chunk) slots of a stage; thread tid handles slots
+// tid, tid + THREADS, ...
+FIPS_NM_HD int stage_slots(const Geom& g) {
+  return g.a_rows * (g.a_pitch / CHUNK) + g.v_rows * (g.v_pitch / CHUNK) +
+         g.i_rows * (g.i_pitch / CHUNK);
+}
+
+// The copy for slot `slot` of the stage of K block kb (stage memory at `stage_off`).
+FIPS_NM_HD Copy slot_copy(const Params& p, const Geom& g, int slot, int64_t kb, int64_t nb,
+                          int64_t m0, int stage_off) {
+  int region, pitch, off;
+  int a_slots = g.a_rows * (g.a_pitch / CHUNK);
+  int v_slots = g.v_rows * (g.v_pitch / CHUNK);
+  if (slot < a_slots) {
+    region = 0; pitch = g.a_pitch; off = g.a_off;
+  } else if (slot < a_slots + v_slots) {
+    slot -= a_slots;
+    region = 1; pitch = g.v_pitch; off = g.v_off;
+  } else {
+    slot -= a_slots + v_slots;
+    region = 2; pitch = g.i_pitch; off = g.i_off;
+  }
+  const int per_row = pitch / CHUNK;
+  const int row = slot / per_row, ch = slot % per_row;
+  return chunk_copy(region_span(p, region, row, kb, nb, m0), stage_off + off + row * pitch, ch);
+}
+
+// Byte offset (within the stage) of the first byte of a region row's span.
+FIPS_NM_HD int span_at(const Params& p, const Geom& g, int region, int row, int64_t kb,
+                       int64_t nb, int64_t m0) {
+  const Span s = region_span(p, region, row, kb, nb, m0);
+  const int off = region == 0 ? g.a_off : region == 1 ? g.v_off : g.i_off;
+  const int pitch = region == 0 ? g.a_pitch : region == 1 ? g.v_pitch : g.i_pitch;
+  return off + row * pitch + static_cast<int>(s.start & 15);
+}
+
+// ---------------------------------------------------------------- decode
+
+// Converts between fp32 and the 16-bit compute type (fp16 or bf16 bits).
+// Cvt::to_float(uint16_t) and Cvt::from_float(float) are supplied by the
+// CUDA and CPU sides (both round to nearest even).
+
+// Loads and stores at addresses the callers keep naturally aligned. On the
+// GPU a plain typed access (one LDS/STS); on the host memcpy (no aliasing UB).
+template <typename T>
+FIPS_NM_HD T ld(const uint8_t* at) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const T*>(at);
+#else
+  T v;
+  memcpy(&v, at, sizeof(T));
+  return v;
+#endif
+}
+
+template <typename T>
+FIPS_NM_HD void st(uint8_t* at, T v) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<T*>(at) = v;
+#else
+  memcpy(at, &v, sizeof(T));
+#endif
+}
+
+FIPS_NM_HD uint16_t load_u16(const uint8_t* s, int at) { return ld<uint16_t>(s + at); }
+FIPS_NM_HD int32_t load_i32(const uint8_t* s, int at) { return ld<int32_t>(s + at); }
+
+// Stored value at a byte offset, as the compute type's bits: a float value is
+// copied bit for bit; a quantised one is q * scale rounded once (as the reference).
+template <typename Cvt>
+FIPS_NM_HD uint16_t value_bits_at(const Params& p, const uint8_t* stage, int at, int nibble,
+                                  int64_t k, int64_t c) {
+  if (p.qbits == 0) return load_u16(stage, at);
+  int q;
+  if (p.qbits == 8) {
+    q = static_cast<int8_t>(stage[at]);
+  } else {
+    const int b = stage[at];
+    const int nib = nibble ? (b >> 4) & 0xF : b & 0xF;
+    q = nib - ((nib >> 3) << 4);
+  }
+  if (k >= p.K || c >= p.N) return 0;
+  const int64_t srow = p.transpose ? c / p.qgroup : k / p.qgroup;
+  const int64_t scol = p.transpose ? k : c;
+  const int64_t sld = p.transpose ? p.K : p.N;
+  const float s = Cvt::to_float(p.scales[srow * sld + scol]);
+  return Cvt::from_float(static_cast<float>(q) * s);
+}
+
+FIPS_NM_HD void bs_store(uint8_t* bs, int c, int k, uint16_t v) {
+  st<uint16_t>(bs + (c * BS_PITCH + k) * 2, v);
+}
+
+FIPS_NM_HD int popc32(uint32_t x) {
+#if defined(__CUDA_ARCH__)
+  return __popc(x);
+#else
+  int n = 0;
+  while (x) { x &= x - 1; ++n; }
+  return n;
+#endif
+}
+
+// Thread tid's share of decoding the stage of K block kb into Bs (all of Bs
+// is written: zeros for pruned entries, rows k >= K and columns the tile lacks).
+template <typename Cvt>
+FIPS_NM_HD void decode(const Params& p, const Geom& g, const uint8_t* stage, uint8_t* bs,
+                       int tid, int64_t kb, int64_t nb) {
+  const int64_t k0 = kb * BK, n0 = nb * BN;
+  const int vb = value_bits(p);
+  if (p.fmt == kDense) {
+    // item -> (k, c) with k fastest: consecutive threads write consecutive halves of Bs
+    for (int item = tid; item < BK * BN; item += THREADS) {
+      const int kl = item % BK, cl = item / BK;
+      const int64_t k = k0 + kl, c = n0 + cl;
+      uint16_t v = 0;
+      if (k < p.K) {
+        if (p.transpose) {
+          const int at = span_at(p, g, 1, cl, kb, nb, 0) + kl * vb / 8;
+          v = value_bits_at<Cvt>(p, stage, at, 0, k, c);
+        } else {
+          const int row = vb == 4 ? kl / 2 : kl;
+          const int at = span_at(p, g, 1, row, kb, nb, 0) + cl * row_bytes_per_col(p);
+          v = value_bits_at<Cvt>(p, stage, at, kl & 1, k, c);
+        }
+      }
+      bs_store(bs, cl, kl, v);
+    }
+  } else if (p.fmt == kNM) {
+    const int groups = BK / p.m;
+    const int bits = nm::bits_per_entry(p.m);
+    const int shift = nm::log2_entries_per_word(p.m);
+    const int64_t j0 = (k0 / p.m) * p.n;
+    const int64_t w0 = j0 >> shift;
+    for (int item = tid; item < groups * BN; item += THREADS) {
+      const int gl = item / BN, cl = item % BN;
+      const int64_t c = n0 + cl;
+      // Zero the group's m rows, then scatter its n kept values: the same
+      // thread does both, so no barrier, and no per-thread array (which the
+      // GPU would place in local memory).
+      for (int r = 0; r < p.m; ++r) bs_store(bs, cl, gl * p.m + r, 0);
+      for (int t = 0; t < p.n; ++t) {
+        const int jl = gl * p.n + t;
+        const int64_t j = j0 + jl;
+        const int wrow = static_cast<int>((j >> shift) - w0);
+        const int32_t word = load_i32(stage, span_at(p, g, 2, wrow, kb, nb, 0) + cl * 4);
+        const int pos = nm::entry_of_word(word, static_cast<int>(j & ((1 << shift) - 1)), bits);
+        const int row = vb == 4 ? jl / 2 : jl;
+        const int at = span_at(p, g, 1, row, kb, nb, 0) + cl * row_bytes_per_col(p);
+        const int kl = gl * p.m + pos;
+        if (k0 + kl < p.K) bs_store(bs, cl, kl, value_bits_at<Cvt>(p, stage, at, jl & 1, k0 + kl, c));
+      }
+    }
+  } else {
+    // bitmap: one (row, 32-column word) per item; the tile's values are
+    // stored row-major, so a row's first value follows all set bits of the
+    // rows before it.
+    const int words = BN / 32;
+    const int mask_at = g.i_off;  // the mask span starts 16-byte aligned
+    const int64_t t = bitmap_tile(p, kb, nb);
+    const int64_t e0 = p.aux1[t];
+    const int v_at = span_at(p, g, 1, 0, kb, nb, 0);
+    for (int item = tid; item < BK * words; item += THREADS) {
+      const int r = item / words, w = item % words;
+      int before = 0;
+      for (int rr = 0; rr < r; ++rr)
+        for (int ww = 0; ww < words; ++ww)
+          before += popc32(static_cast<uint32_t>(load_i32(stage, mask_at + (rr * words + ww) * 4)));
+      for (int ww = 0; ww < w; ++ww)
+        before += popc32(static_cast<uint32_t>(load_i32(stage, mask_at + (r * words + ww) * 4)));
+      const uint32_t word = static_cast<uint32_t>(load_i32(stage, mask_at + (r * words + w) * 4));
+      const int64_t k = k0 + r;
+      for (int b = 0; b < 32; ++b) {
+        const int cl = w * 32 + b;
+        uint16_t v = 0;
+        if ((word >> b) & 1u) {
+          const int64_t e = e0 + before + popc32(word & ((1u << b) - 1u));  // b < 32
+          int at;
+          int nibble = 0;
+          if (vb == 4) {
+            at = v_at + static_cast<int>((e >> 1) - (e0 >> 1));
+            nibble = static_cast<int>(e & 1);
+          } else {
+            at = v_at + static_cast<int>((e - e0) * (vb / 8));
+          }
+          v = k < p.K ? value_bits_at<Cvt>(p, stage, at, nibble, k, n0 + cl) : uint16_t{0};
+        }
+        bs_store(bs, cl, r, v);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- fragments
+// mma.sync.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), with
+// g = lane / 4 and t = lane % 4:
+//   A (16x16, row): reg 0 (g, 2t..2t+1), reg 1 (g+8, 2t..), reg 2 (g, 2t+8..), reg 3 (g+8, 2t+8..)
+//   B (16x8, col):  reg 0 (k 2t..2t+1, n g), reg 1 (k 2t+8..2t+9, n g)
+//   C (16x8, f32):  c0, c1 (g, 2t, 2t+1), c2, c3 (g+8, 2t, 2t+1)
+// The low half of a register holds the lower column (A) or k (B).
+
+FIPS_NM_HD uint32_t pack2(uint16_t lo, uint16_t hi) {
+  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+}
+
+// A element (row i of the block, column kk of the K block) from the stage;
+// columns past K read the next row's bytes, so they are masked to zero here.
+FIPS_NM_HD uint16_t a_elem(const Params& p, const Geom& g, const uint8_t* stage, int i, int kk,
+                           int64_t kb, int64_t m0) {
+  if (kb * BK + kk >= p.K) return 0;
+  return load_u16(stage, span_at(p, g, 0, i, kb, 0, m0) + kk * 2);
+}
+
+FIPS_NM_HD void load_a_frag(const Params& p, const Geom& g, const uint8_t* stage, int lane,
+                            int mt, int ks, int64_t kb, int64_t m0, uint32_t a[4]) {
+  const int gi = lane >> 2, t = lane & 3;
+  const int r0 = mt * 16 + gi, c0 = ks * 16 + 2 * t;
+  a[0] = pack2(a_elem(p, g, stage, r0, c0, kb, m0), a_elem(p, g, stage, r0, c0 + 1, kb, m0));
+  a[1] = pack2(a_elem(p, g, stage, r0 + 8, c0, kb, m0), a_elem(p, g, stage, r0 + 8, c0 + 1, kb, m0));
+  a[2] = pack2(a_elem(p, g, stage, r0, c0 + 8, kb, m0), a_elem(p, g, stage, r0, c0 + 9, kb, m0));
+  a[3] = pack2(a_elem(p, g, stage, r0 + 8, c0 + 8, kb, m0),
+               a_elem(p, g, stage, r0 + 8, c0 + 9, kb, m0));
+}
+
+FIPS_NM_HD void load_b_frag(const uint8_t* bs, int lane, int warp, int nt, int ks, uint32_t b[2]) {
+  const int c = warp * COLS_PER_WARP + nt * 8 + (lane >> 2);
+  const int k = ks * 16 + 2 * (lane & 3);
+  b[0] = ld<uint32_t>(bs + (c * BS_PITCH + k) * 2);
+  b[1] = ld<uint32_t>(bs + (c * BS_PITCH + k + 8) * 2);
+}
+
+// Output coordinates of accumulator element i (0..3) of tile (mt, nt).
+FIPS_NM_HD void c_coord(int lane, int warp, int mt, int nt, int i, int* row, int* col) {
+  *row = mt * 16 + (lane >> 2) + (i >= 2 ? 8 : 0);
+  *col = warp * COLS_PER_WARP + nt * 8 + 2 * (lane & 3) + (i & 1);
+}
+
+// ---------------------------------------------------------------- epilogue
+
+FIPS_NM_HD float activate(float x, int act) {
+  if (act == kGelu) return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+  if (act == kSilu) return x / (1.0f + expf(-x));
+  return x;
+}
+
+template <typename Cvt>
+FIPS_NM_HD void store_out(const Params& p, int64_t row, int64_t col, float acc) {
+  float v = acc;
+  if (p.bias) v += Cvt::to_float(p.bias[col]);
+  v = activate(v, p.act);
+  if (p.out_fp32) {
+    static_cast<float*>(p.out)[row * p.N + col] = v;
+  } else {
+    static_cast<uint16_t*>(p.out)[row * p.N + col] = Cvt::from_float(v);
+  }
+}
+
+// Accumulator element -> output (split == 1) or the split's fp32 partial.
+template <typename Cvt>
+FIPS_NM_HD void epilogue(const Params& p, int64_t row, int64_t col, int split_idx, float acc) {
+  if (row >= p.M || col >= p.N) return;
+  if (p.split > 1) {
+    p.ws[(static_cast<int64_t>(split_idx) * p.M + row) * p.N + col] = acc;
+  } else {
+    store_out<Cvt>(p, row, col, acc);
+  }
+}
+
+// Fixed-order reduction of the split partials (bitwise reproducible).
+template <typename Cvt>
+FIPS_NM_HD void reduce_one(const Params& p, int64_t idx) {
+  float acc = 0.f;
+  for (int s = 0; s < p.split; ++s) acc += p.ws[s * p.M * p.N + idx];
+  store_out<Cvt>(p, idx / p.N, idx % p.N, acc);
+}
+
+// K blocks [kb_begin, kb_end) of split z.
+FIPS_NM_HD void split_range(const Params& p, int z, int64_t* kb_begin, int64_t* kb_end) {
+  const int64_t kbs = cdiv(p.K, BK);
+  *kb_begin = static_cast<int64_t>(z) * p.kb_per_split;
+  int64_t e = *kb_begin + p.kb_per_split;
+  *kb_end = e < kbs ? e : kbs;
+}
+
+}  // namespace spmm
+}  // namespace fips_kernels

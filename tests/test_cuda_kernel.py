@@ -1,0 +1,228 @@
+"""``fips_kernels_cuda::sparse_mm`` (csrc/) against fp64 truth.
+
+On the CPU the op runs the CUDA kernel's block program thread by thread and
+warp by warp (csrc/sparse_mm_host.cpp: same staging, decode and mma fragment
+code, with an mma.sync emulated from the PTX fragment tables), so these tests
+check the GPU kernel's indexing here; with a GPU the same tests run the real
+kernel. bf16 is tested on the CPU too: the emulation's arithmetic is exact C++.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fips_kernels import _extension
+from fips_kernels.formats import SparseFactor
+
+from conftest import DEVICES, assert_close_to_truth, random_factor_dense
+
+pytestmark = pytest.mark.skipif(
+    not (_extension.available() and hasattr(torch.ops.fips_kernels_cuda, "sparse_mm")),
+    reason=f"the compiled extension is not available: {_extension.error()}")
+
+DTYPES = [torch.float16, torch.bfloat16]
+PATTERNS = {  # name: (fmt, pack options)
+    "dense": ("dense", {}),
+    "1:4": ("nm", {"n": 1, "m": 4}),
+    "2:4": ("nm", {"n": 2, "m": 4}),
+    "1:2": ("nm", {"n": 1, "m": 2}),
+    "3:8": ("nm", {"n": 3, "m": 8}),
+    "5:16": ("nm", {"n": 5, "m": 16}),
+    "bitmap": ("bitmap", {}),
+}
+
+
+def _factor(K, N, pattern, dtype, device, qbits=None, qgroup=64):
+    fmt, opts = PATTERNS[pattern]
+    dense = random_factor_dense(K, N, fmt, n=opts.get("n", 1), m=opts.get("m", 4), dtype=dtype, device=device)
+    return SparseFactor.pack(dense, fmt, qbits=qbits, qgroup=qgroup, **opts)
+
+
+def sparse_mm(a, f, bias=None, act="none", split_k=0, transpose=False, out_dtype=None):
+    aux = list(f.aux_tensors) + [None, None]
+    p0, p1 = (f.n, f.m) if f.format == "nm" else f.tile if f.format == "bitmap" else (0, 0)
+    K, N = f.shape[::-1] if transpose else f.shape
+    return torch.ops.fips_kernels_cuda.sparse_mm(
+        a, f.values, aux[0], aux[1], f.scales if f.quantized else None, bias, f.format, K, N, p0, p1,
+        f.qbits or 0, f.qgroup or 0, transpose, act, split_k, out_dtype)
+
+
+def _act(y, act):
+    return F.gelu(y) if act == "gelu" else F.silu(y) if act == "silu" else y
+
+
+def check(a, f, bias=None, act="none", split_k=0, transpose=False, out_dtype=None):
+    """The op against fp64 truth, within twice plain PyTorch's error in the same dtype."""
+    out = sparse_mm(a, f, bias, act, split_k, transpose, out_dtype)
+    B = f.to_dense()  # dequantised values rounded to the dtype, as the kernel rounds them
+    B = B.t() if transpose else B
+    M, N = a.shape[0], B.shape[1]
+    assert out.shape == (M, N)
+    assert out.dtype == (out_dtype or a.dtype)
+    truth = a.double() @ B.double()
+    base = (a.float() @ B.float()).to(a.dtype)
+    if bias is not None:
+        truth = truth + bias.double()
+        base = base + bias
+    truth, base = _act(truth, act), _act(base.float(), act).to(a.dtype)
+    if out_dtype == torch.float32:
+        base = base.float()
+    scale = truth.abs().max().item() if truth.numel() else 0.0
+    assert_close_to_truth(out.cpu(), truth.cpu(), base.cpu(), eps=1e-5 * max(scale, 1.0))
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("M", [1, 2, 7, 16, 33, 128])
+def test_matches_truth_odd_shapes(device, dtype, pattern, M):
+    K, N = 133, 70  # K tail of 5 (a partial N:M group for m = 8, 16) and N tail of 6
+    f = _factor(K, N, pattern, dtype, device)
+    a = torch.randn(M, K, dtype=dtype, device=device)
+    bias = torch.randn(N, dtype=dtype, device=device)
+    check(a, f, bias)
+    check(a, f, None, "gelu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("pattern", ["dense", "1:4", "2:4", "5:16", "bitmap"])
+@pytest.mark.parametrize("qbits", [8, 4])
+@pytest.mark.parametrize("qgroup", [64, 20])
+def test_quantised_values_dequantised_in_kernel(device, dtype, pattern, qbits, qgroup):
+    K, N = 150, 67
+    f = _factor(K, N, pattern, dtype, device, qbits=qbits, qgroup=qgroup)
+    for M in (1, 16, 40):
+        a = torch.randn(M, K, dtype=dtype, device=device)
+        check(a, f, torch.randn(N, dtype=dtype, device=device), "silu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("qbits", [None, 8])
+def test_transposed_dense_is_the_int8_base_times_z(device, dtype, qbits):
+    """``z · Uᵀ`` with U (d, r) stored as a (possibly int8, one scale per column) dense factor."""
+    d, r = 77, 45
+    U = SparseFactor.pack(torch.randn(d, r, dtype=dtype, device=device), "dense",
+                          qbits=qbits, qgroup=d)
+    for M in (1, 9, 33):
+        z = torch.randn(M, r, dtype=dtype, device=device)
+        check(z, U, torch.randn(d, dtype=dtype, device=device), transpose=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pattern", ["1:4", "bitmap"])
+def test_split_k_is_deterministic_and_agrees(device, pattern):
+    K, N = 700, 96
+    f = _factor(K, N, pattern, torch.float16, device)
+    a = torch.randn(3, K, dtype=torch.float16, device=device)
+    outs = [check(a, f, split_k=s) for s in (1, 4, 11)]
+    again = sparse_mm(a, f, split_k=11)
+    assert torch.equal(outs[2], again), "split-K reduction must be bitwise reproducible"
+    for o in outs[1:]:
+        assert (o.float() - outs[0].float()).abs().max().item() <= 2e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp32_output_and_3d_free_large_m(device):
+    f = _factor(96, 72, "2:4", torch.bfloat16, device)
+    a = torch.randn(4096 if device == "cuda" else 600, 96, dtype=torch.bfloat16, device=device)
+    check(a, f, torch.randn(72, dtype=torch.bfloat16, device=device), out_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_dimensions(device):
+    f = _factor(64, 40, "1:4", torch.float16, device)
+    assert sparse_mm(torch.randn(0, 64, dtype=torch.float16, device=device), f).shape == (0, 40)
+    empty = SparseFactor.pack(torch.zeros(0, 40, dtype=torch.float16, device=device), "nm", n=1, m=4)
+    bias = torch.randn(40, dtype=torch.float16, device=device)
+    out = sparse_mm(torch.randn(3, 0, dtype=torch.float16, device=device), empty, bias, "gelu")
+    torch.testing.assert_close(out, F.gelu(bias.float()).to(torch.float16).expand(3, 40), rtol=0, atol=0)
+
+
+def test_misaligned_views_are_realigned():
+    """A view starting 2 bytes into its storage is copied, not read misaligned."""
+    K, N = 64, 64
+    f = _factor(K, N, "1:4", torch.float16, "cpu")
+    big = torch.randn(5, K + 1, dtype=torch.float16)
+    a = big[:, 1:]  # not contiguous and 2-byte offset
+    check(a, f)
+
+
+def test_inf_in_the_next_row_does_not_leak():
+    """Columns past K of a staged A row hold the next row's bytes; they must be masked."""
+    K, N = 70, 64
+    f = _factor(K, N, "1:4", torch.float16, "cpu")
+    a = torch.randn(2, K, dtype=torch.float16)
+    a[1, :] = float("inf")
+    out = sparse_mm(a, f)
+    assert torch.isfinite(out[0]).all()
+
+
+# ---------------------------------------------------------------- bad input
+
+def _nm():
+    return _factor(64, 32, "1:4", torch.float16, "cpu")
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda a, f: (a.float(), f, {}), "A must be float16 or bfloat16"),
+    (lambda a, f: (a[:, :10], f, {}), r"A must be \(M, K\) with K=64"),
+    (lambda a, f: (a[0], f, {}), "A must be 2-D"),
+    (lambda a, f: (a, f, {"act": "relu"}), "activation must be"),
+    (lambda a, f: (a, f, {"split_k": 999}), "split_k must be in"),
+    (lambda a, f: (a, f, {"out_dtype": torch.float64}), "out_dtype must be"),
+    (lambda a, f: (a, f, {"transpose": True}), "transpose=True is only for the dense format"),
+    (lambda a, f: (a, f, {"bias": torch.randn(31, dtype=torch.float16)}), "bias must have shape"),
+    (lambda a, f: (a, f, {"bias": torch.randn(32)}), "bias dtype must match"),
+    (lambda a, f: (a.bfloat16(), f, {}), "values dtype must match A"),
+])
+def test_bad_input_is_named(mutate, message):
+    a = torch.randn(3, 64, dtype=torch.float16)
+    a2, f, kw = mutate(a, _nm())
+    with pytest.raises(RuntimeError, match=message):
+        sparse_mm(a2, f, **kw)
+
+
+def test_bad_formats_are_named():
+    a = torch.randn(3, 64, dtype=torch.float16)
+    f = _nm()
+    ops = torch.ops.fips_kernels_cuda
+    with pytest.raises(RuntimeError, match="format must be 'dense', 'nm' or 'bitmap'"):
+        ops.sparse_mm(a, f.values, f.aux["indices"], None, None, None, "csr", 64, 32, 1, 4, 0, 0, False,
+                      "none", 0, None)
+    with pytest.raises(RuntimeError, match="nm m must be one of"):
+        ops.sparse_mm(a, f.values, f.aux["indices"], None, None, None, "nm", 64, 32, 1, 3, 0, 0, False,
+                      "none", 0, None)
+    with pytest.raises(RuntimeError, match=r"indices\) must have shape"):
+        ops.sparse_mm(a, f.values, f.aux["indices"][:, :5], None, None, None, "nm", 64, 32, 1, 4, 0, 0,
+                      False, "none", 0, None)
+    with pytest.raises(RuntimeError, match="needs aux0"):
+        ops.sparse_mm(a, f.values, None, None, None, None, "nm", 64, 32, 1, 4, 0, 0, False, "none", 0, None)
+    bm = SparseFactor.pack(torch.randn(64, 64, dtype=torch.float16), "bitmap", tile=(32, 64))
+    with pytest.raises(RuntimeError, match=r"bitmap tiles of \(64, 64\) only"):
+        sparse_mm(a, bm)
+    q = _factor(64, 32, "1:4", torch.float16, "cpu", qbits=8)
+    with pytest.raises(RuntimeError, match="need scales"):
+        ops.sparse_mm(a, q.values, q.aux["indices"], None, None, None, "nm", 64, 32, 1, 4, 8, 64, False,
+                      "none", 0, None)
+    with pytest.raises(RuntimeError, match="scales given but qbits is 0"):
+        ops.sparse_mm(a, f.values, f.aux["indices"], None, q.scales, None, "nm", 64, 32, 1, 4, 0, 0, False,
+                      "none", 0, None)
+
+
+@pytest.mark.gpu
+def test_cpu_and_cuda_tensors_mixed_are_named():
+    a = torch.randn(3, 64, dtype=torch.float16, device="cuda")
+    with pytest.raises(RuntimeError, match="all tensors must be on one device"):
+        sparse_mm(a, _nm())
+
+
+def test_fake_tensor_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    f = _nm()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        a = torch.empty(5, 64, dtype=torch.float16)
+        out = sparse_mm(a, f, out_dtype=torch.float32)
+    assert out.shape == (5, 32) and out.dtype == torch.float32
