@@ -74,7 +74,7 @@ def check(a, f, bias=None, act="none", split_k=0, transpose=False, out_dtype=Non
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("pattern", list(PATTERNS))
-@pytest.mark.parametrize("M", [1, 2, 7, 16, 33, 128])
+@pytest.mark.parametrize("M", [1, 2, 7, 16, 33, 128, 4096])
 def test_matches_truth_odd_shapes(device, dtype, pattern, M):
     K, N = 133, 70  # K tail of 5 (a partial N:M group for m = 8, 16) and N tail of 6
     f = _factor(K, N, pattern, dtype, device)
@@ -226,3 +226,17 @@ def test_fake_tensor_shape():
         a = torch.empty(5, 64, dtype=torch.float16)
         out = sparse_mm(a, f, out_dtype=torch.float32)
     assert out.shape == (5, 32) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pattern, qbits", [("2:4", None), ("bitmap", 8), ("dense", 4)])
+def test_opcheck(device, pattern, qbits):
+    """Schema, fake implementation and dispatcher registration agree with the real kernel."""
+    f = _factor(70, 40, pattern, torch.float16, device, qbits=qbits)
+    aux = list(f.aux_tensors) + [None, None]
+    p0, p1 = (f.n, f.m) if f.format == "nm" else f.tile if f.format == "bitmap" else (0, 0)
+    a = torch.randn(5, 70, dtype=torch.float16, device=device)
+    args = (a, f.values, aux[0], aux[1], f.scales if f.quantized else None,
+            torch.randn(40, dtype=torch.float16, device=device), f.format, 70, 40, p0, p1,
+            f.qbits or 0, f.qgroup or 0, False, "silu", 0, None)
+    torch.library.opcheck(torch.ops.fips_kernels_cuda.sparse_mm.default, args)
