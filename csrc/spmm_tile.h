@@ -318,6 +318,14 @@ FIPS_NM_HD int popc32(uint32_t x) {
 #endif
 }
 
+FIPS_NM_HD int popc64(uint64_t x) {
+#if defined(__CUDA_ARCH__)
+  return __popcll(x);
+#else
+  return popc32(static_cast<uint32_t>(x)) + popc32(static_cast<uint32_t>(x >> 32));
+#endif
+}
+
 // Thread tid's share of decoding the stage of K block kb into Bs (all of Bs
 // is written: zeros for pruned entries, rows k >= K and columns the tile lacks).
 template <typename Cvt>
@@ -372,7 +380,8 @@ FIPS_NM_HD void decode(const Params& p, const Geom& g, const uint8_t* stage, uin
     // bitmap: one (row, 32-column word) per item; the tile's values are
     // stored row-major, so a row's first value follows all set bits of the
     // rows before it.
-    const int words = BN / 32;
+    constexpr int words = BN / 32;  // 2: the 64-bit row load below relies on it
+    static_assert(BN == 64, "bitmap decode reads a tile row's mask as one 64-bit word");
     const int mask_at = g.i_off;  // the mask span starts 16-byte aligned
     const int64_t t = bitmap_tile(p, kb, nb);
     const int64_t e0 = p.aux1[t];
@@ -380,9 +389,8 @@ FIPS_NM_HD void decode(const Params& p, const Geom& g, const uint8_t* stage, uin
     for (int item = tid; item < BK * words; item += THREADS) {
       const int r = item / words, w = item % words;
       int before = 0;
-      for (int rr = 0; rr < r; ++rr)
-        for (int ww = 0; ww < words; ++ww)
-          before += popc32(static_cast<uint32_t>(load_i32(stage, mask_at + (rr * words + ww) * 4)));
+      // a row's two mask words are one aligned 64-bit load
+      for (int rr = 0; rr < r; ++rr) before += popc64(ld<uint64_t>(stage + mask_at + rr * 8));
       for (int ww = 0; ww < w; ++ww)
         before += popc32(static_cast<uint32_t>(load_i32(stage, mask_at + (r * words + ww) * 4)));
       const uint32_t word = static_cast<uint32_t>(load_i32(stage, mask_at + (r * words + w) * 4));
