@@ -22,48 +22,24 @@ dense weight anyway, take a dequantised copy of an int8 base.
 """
 from __future__ import annotations
 
-import os
-from typing import Dict, Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from ..formats import SparseFactor
 from ..reference import activate
+from ..workspaces import clear_workspaces, workspace, workspace_bytes
 from .sparse_matmul import sparse_matmul
 from .tile_reconstruct import tile_reconstruct_linear, tile_reconstruct_weight
-from .tuning import reconstruct_min_m
+from .tuning import STRATEGY_ENV, forced_strategy, reconstruct_min_m
 
 __all__ = ["expand", "contract", "gate_up", "reconstruct", "choose_strategy", "STRATEGIES", "clear_workspaces",
            "workspace_bytes"]
 
 STRATEGIES = ("factored", "tile_reconstruct", "reconstruct")
-STRATEGY_ENV = "FIPS_KERNELS_STRATEGY"
 
 Base = Union[torch.Tensor, SparseFactor]  # float U, or int8 U as a quantised dense factor
-
-_workspaces: Dict[Tuple[torch.device, torch.dtype, Tuple[int, int]], torch.Tensor] = {}
-
-
-def workspace(shape: Tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A buffer reused by every call with the same (device, dtype, shape): the
-    reconstruct path allocates nothing after its first call, so it can be
-    captured in a CUDA graph once warmed up. Calls on one stream use it in turn."""
-    key = (device, dtype, tuple(shape))
-    buf = _workspaces.get(key)
-    if buf is None:
-        buf = _workspaces[key] = torch.empty(shape, dtype=dtype, device=device)
-    return buf
-
-
-def clear_workspaces() -> None:
-    """Free the reconstruct workspaces (they are reallocated on the next large-M call)."""
-    _workspaces.clear()
-
-
-def workspace_bytes() -> int:
-    """Bytes held by reconstruct workspaces (what ``cache``-free reconstruction costs)."""
-    return sum(t.numel() * t.element_size() for t in _workspaces.values())
 
 
 def choose_strategy(M: int, kind: str, factor: SparseFactor, d: int, device: torch.device,
@@ -71,8 +47,11 @@ def choose_strategy(M: int, kind: str, factor: SparseFactor, d: int, device: tor
     """``reconstruct`` from the measured crossover M on; below it ``factored``
     (``tile_reconstruct`` for ell factors). ``forced``, else ``FIPS_KERNELS_STRATEGY``, forces one."""
     small = "tile_reconstruct" if factor.format == "ell" else "factored"
-    forced = (forced or os.environ.get(STRATEGY_ENV, "")).strip().lower()
+    forced = forced_strategy(forced)
     if forced:
+        if forced == "sparse24":
+            raise ValueError(f"{STRATEGY_ENV}='sparse24' is a strategy of the cuda backend (2:4 sparse tensor "
+                             f"cores), but this call runs on triton; its strategies: {STRATEGIES}")
         if forced not in STRATEGIES:
             raise ValueError(f"{STRATEGY_ENV}={forced!r}: choose one of {STRATEGIES}")
         if forced != "reconstruct" and forced != small:

@@ -1,18 +1,25 @@
-"""Measured crossovers, kept as data (``crossovers.json``) per GPU name.
+"""Measured crossovers, kept as data (``crossovers.json``) per GPU name, and
+the ``FIPS_KERNELS_STRATEGY`` override shared by the Triton and CUDA backends.
 
 A GPU without an entry uses ``default``, which is an estimate, not a
-measurement; the benchmark writes the figures that replace it.
+measurement; the benchmark writes the figures that replace it. An entry may
+hold ``"by_backend": {"cuda": {...}}`` with the same keys, measured for the
+CUDA backend's kernels; without it the CUDA backend uses the entry's own
+figures. (Nothing here imports Triton.)
 """
 from __future__ import annotations
 
 import functools
 import json
+import os
 from importlib import resources
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
 from ..formats import SparseFactor
+
+STRATEGY_ENV = "FIPS_KERNELS_STRATEGY"
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,8 +38,20 @@ def entry_for(device: torch.device) -> dict:
     return table.get(_gpu_name(device), table["default"])
 
 
-def reconstruct_min_m(device: torch.device, kind: str, factor: SparseFactor, d: int) -> int:
+def reconstruct_min_m(device: torch.device, kind: str, factor: SparseFactor, d: int,
+                      backend: str = "triton") -> int:
     """Smallest M at which reconstruct-GEMM runs instead of the factored kernels."""
     entry = entry_for(device)
-    by_format = entry.get("by_format", {}).get(factor.format, {})
-    return int(by_format.get(kind, entry["reconstruct_min_m"]))
+    scoped = entry.get("by_backend", {}).get(backend, {})
+    for source in (scoped, entry):
+        by_format = source.get("by_format", {}).get(factor.format, {})
+        if kind in by_format:
+            return int(by_format[kind])
+        if "reconstruct_min_m" in source:
+            return int(source["reconstruct_min_m"])
+    raise KeyError(f"crossovers.json: no reconstruct_min_m for {_gpu_name(device)}")  # pragma: no cover
+
+
+def forced_strategy(forced: Optional[str] = None) -> str:
+    """The strategy forced by the argument, else by ``FIPS_KERNELS_STRATEGY`` ('' if none)."""
+    return (forced or os.environ.get(STRATEGY_ENV, "")).strip().lower()
