@@ -16,8 +16,6 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from . import _extension
-
 __all__ = [
     "Problem",
     "Backend",
@@ -165,37 +163,46 @@ class TritonBackend(Backend):
 
 
 class CudaBackend(Backend):
-    """The compiled CUDA C++ extension (``csrc/``)."""
+    """The compiled CUDA C++ extension (``csrc/``): ``fips_kernels_cuda::sparse_mm``
+    (fp16/bf16 tensor cores, float or int8/int4 factors and an int8 base
+    dequantised in registers) under the strategies of :mod:`fips_kernels.cuda`."""
 
     name = "cuda"
     MIN_CAPABILITY = (8, 0)
+    FORMATS = ("dense", "nm", "bitmap")
+    DTYPES = (torch.float16, torch.bfloat16)
+    BITMAP_TILE = (64, 64)
 
     def __init__(self) -> None:
         super().__init__()
-        self.kernels = {("reconstruct", "nm"): _cuda_reconstruct_nm}
+        from .cuda import spmm, strategies  # never touch the extension on import: safe without it
+
+        self._spmm = spmm
+        for fmt in self.FORMATS:
+            for op in OPS:
+                self.kernels[(op, fmt)] = getattr(strategies, op)
 
     def _reasons(self, p: Problem) -> List[str]:
         reasons = []
-        if not _extension.available():
-            reasons.append(f"the CUDA extension is not available: {_extension.error()}")
+        missing = self._spmm.unavailable_reason()
+        if missing is not None:
+            reasons.append(missing)
         if p.device.type != "cuda":
             reasons.append(f"input is on {p.device}, not a CUDA device")
         elif torch.cuda.is_available():
-            cap = torch.cuda.get_device_capability(p.device)
+            cap = tuple(torch.cuda.get_device_capability(p.device))
             if cap < self.MIN_CAPABILITY:
                 reasons.append(f"GPU compute capability {cap[0]}.{cap[1]} is below "
-                               f"{self.MIN_CAPABILITY[0]}.{self.MIN_CAPABILITY[1]}")
-        if p.dtype not in KERNEL_DTYPES:
-            reasons.append(f"dtype {p.dtype} is not supported (needs float16, bfloat16 or float32)")
-        if p.quantized or p.base_quantized:
-            reasons.append("quantised factors or bases are not supported by the cuda backend yet")
+                               f"{self.MIN_CAPABILITY[0]}.{self.MIN_CAPABILITY[1]}: needs sm80+ for mma.sync bf16")
+        if p.dtype not in self.DTYPES:
+            reasons.append(f"dtype {p.dtype} is not supported: the cuda kernels run fp16/bf16 tensor cores "
+                           f"(float32 runs on triton)")
+        if p.fmt not in self.FORMATS:
+            reasons.append(f"no cuda kernel for format {p.fmt!r} (the cuda backend runs {', '.join(self.FORMATS)})")
+        if p.fmt == "bitmap" and len(p.meta) >= 4 and (p.meta[2], p.meta[3]) != self.BITMAP_TILE:
+            reasons.append(f"bitmap tile ({p.meta[2]}, {p.meta[3]}) is not supported by the cuda kernel "
+                           f"(only {self.BITMAP_TILE[0]}x{self.BITMAP_TILE[1]})")
         return reasons
-
-
-def _cuda_reconstruct_nm(U, factor, kind):
-    K, N, n, m = factor.meta
-    return torch.ops.fips_kernels_cuda.reconstruct_nm(U, factor.values, factor.aux["indices"],
-                                                      K, N, n, m, kind == "contract")
 
 
 BACKENDS: Dict[str, Backend] = {}

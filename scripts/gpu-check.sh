@@ -22,9 +22,10 @@
 #   build (pip -e .)     ~1-2 min   csrc/ for this GPU's architecture only, MAX_JOBS=16
 #   pytest               ~1-3 min   capped at PYTEST_LIMIT_S=180; GPU tests included; the pytest-benchmark file
 #                                   is left to its own step
-#   layer benchmark      to LAYER_END_S=370 (min 60 s): 3 presets x 3 patterns x 8 M x (2 layers x 8 providers
-#                                   + 4 group providers) = 1440 rows, do_bench 5 ms warm-up + 25 ms per point,
-#                                   ~1.5-2 min; stopped at its deadline, rows so far kept
+#   layer benchmark      to LAYER_END_S=370 (min 60 s): 3 presets x 4 patterns x 8 M x (2 layers x 13 providers
+#                                   + 4 group providers) = 2880 rows (skipped ones included), do_bench 5 ms
+#                                   warm-up + 25 ms per point; not yet timed with the 3 cuda_* providers; stopped
+#                                   at its deadline, rows so far kept (BENCH_ARGS --providers narrows it)
 #   e2e benchmark        to E2E_END_S=470 (min 45 s): DeiT-B, Swin-L, the Llama MLP stack x fp16, bf16 x eager,
 #                                   CUDA graph x dense, FiPS (3 patterns), peers x batches; --budget-s splits
 #                                   the time evenly over model x dtype and writes "skipped (budget)" rows for

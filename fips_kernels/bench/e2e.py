@@ -50,7 +50,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dispatch, modules
+from ..cuda import clear_packs
 from ..modules import FiPSLinear, SharedBase
+from ..workspaces import clear_workspaces
 from .cases import random_factor
 from .env import run_metadata, utc_now
 from .layer import DTYPE_NAMES, DTYPES, METADATA_COLUMNS, BenchError, _describe, _fmt, resolve_device, timing_overrides
@@ -642,12 +644,8 @@ def _free(device: torch.device, collect: bool = False) -> None:
     which leave reference cycles)."""
     if collect:
         gc.collect()
-    try:
-        from ..triton import strategies
-
-        strategies.clear_workspaces()  # reconstruct workspaces: part of a variant's run, not the next's
-    except Exception:  # noqa: BLE001 - no Triton here
-        pass
+    clear_workspaces()  # reconstruct workspaces and 2:4 packs: part of a variant's run, not the next's
+    clear_packs()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -221,6 +221,90 @@ class TritonReconstruct(_TritonStrategy):
     strategy = "reconstruct"
 
 
+class _CudaStrategy(Provider):
+    """The CUDA backend's strategies with one forced (no op/dispatch overhead)."""
+
+    strategy = "?"
+    ours = True
+
+    def not_supported_reasons(self, device, dtype, pattern):
+        from ..cuda.spmm import KERNEL_DTYPES, unavailable_reason
+
+        reasons = []
+        missing = unavailable_reason()
+        if missing is not None:
+            reasons.append(missing)
+        if device.type != "cuda":
+            reasons.append(f"needs a CUDA GPU (input is on {device.type})")
+        elif torch.cuda.is_available() and torch.cuda.get_device_capability(device) < (8, 0):
+            cap = torch.cuda.get_device_capability(device)
+            reasons.append(f"needs compute capability 8.0+ (mma.sync bf16), this GPU is {cap[0]}.{cap[1]}")
+        if dtype not in KERNEL_DTYPES:
+            reasons.append(f"the cuda kernels run fp16/bf16 tensor cores, not {str(dtype).replace('torch.', '')}")
+        return reasons
+
+    def _flops(self, case: LayerCase, r_pad: int) -> Callable[[int], int]:
+        if self.strategy == "reconstruct":  # W rebuilt per call, then the GEMM
+            return lambda M: 2 * case.preset.d * case.rank * case.preset.h + dense_flops(case, M)
+        if self.strategy == "sparse24":  # x·U_pad dense, the 2:4 product at half the MACs
+            d, h = case.preset.d, case.preset.h
+            return lambda M: 2 * M * (d * r_pad + r_pad * h // 2)
+        return lambda M: factored_flops(case, M)
+
+    def prepare(self, case: LayerCase) -> Prepared:
+        from ..cuda import sparse24, strategies
+
+        layer, factor, strategy = case.layer, case.factor, self.strategy
+        U, b = layer.base.operand, layer.bias.detach() if layer.bias is not None else None
+        weight_bytes, r_pad = case.fips_weight_bytes, case.rank
+        if strategy == "sparse24":  # what a call reads: the semi-structured factor and the padded base
+            why = sparse24.reasons(factor, case.kind, case.dtype, case.device)
+            if why:
+                raise ValueError("the 2:4 path cannot run this layer: " + "; ".join(why))
+            Bt, U_pad = sparse24.operands(U, factor, case.kind, strict=True)
+            weight_bytes = sparse24.tensor_nbytes(Bt) + tensor_bytes(U_pad, b)
+            r_pad = U_pad.shape[1]
+        if case.kind == "expand":
+            def run(x):
+                return strategies.expand(x, U, factor, b, strategy=strategy)
+        else:
+            def run(x):
+                return strategies.contract(x, U, factor, b, strategy=strategy)
+        return Prepared(run=run, weight_bytes=weight_bytes, flops=self._flops(case, r_pad),
+                        backend=f"cuda/{strategy}")
+
+
+@register
+class CudaFactored(_CudaStrategy):
+    name = "cuda_factored"
+    description = ("CUDA extension, factored strategy: z = x·U (cuBLAS) then z·B by sparse_mm "
+                   "(B decompressed in shared memory, mma.sync tensor cores); mirrored for contract")
+    strategy = "factored"
+
+
+@register
+class CudaReconstruct(_CudaStrategy):
+    name = "cuda_reconstruct"
+    description = "CUDA extension, reconstruct strategy: W = U·B rebuilt by sparse_mm per call, then cuBLAS"
+    strategy = "reconstruct"
+
+
+@register
+class CudaSparse24(_CudaStrategy):
+    name = "cuda_sparse24"
+    description = ("CUDA backend, 2:4 strategy: the factor packed once by torch.sparse.to_sparse_semi_structured "
+                   "(rank padded to a multiple of 64), two F.linear calls on sparse tensor cores")
+    strategy = "sparse24"
+
+    def not_supported_reasons(self, device, dtype, pattern):
+        reasons = super().not_supported_reasons(device, dtype, pattern)
+        if pattern != "2:4":
+            reasons.append(f"sparse tensor cores need the 2:4 pattern with float values, not {pattern}")
+        if not hasattr(torch.sparse, "to_sparse_semi_structured"):
+            reasons.append(f"torch {torch.__version__} has no torch.sparse.to_sparse_semi_structured")
+        return reasons
+
+
 # ---------------------------------------------------------------- peers
 # What a user would otherwise run: the FiPS authors' own inference paths.
 
@@ -335,6 +419,6 @@ def get(name: str) -> Optional[Provider]:
 
 
 __all__ += ["provider_names", "get", "Dense", "FiPS", "Reference", "TritonFactored", "TritonReconstruct",
-            "TwoGemm", "CsrRebuild", "SemiStructured24"]
+            "CudaFactored", "CudaReconstruct", "CudaSparse24", "TwoGemm", "CsrRebuild", "SemiStructured24"]
 
 from . import hashed_providers  # noqa: E402,F401  (registers hashed_fwd, hashed_materialize)
