@@ -22,6 +22,8 @@
 #   build (pip -e .)     ~1-2 min   csrc/ for this GPU's architecture only, MAX_JOBS=16
 #   pytest               ~1-3 min   capped at PYTEST_LIMIT_S=180; GPU tests included; the pytest-benchmark file
 #                                   is left to its own step
+#   memcheck             <= MEMCHECK_LIMIT_S=90: compute-sanitizer --tool memcheck over scripts/sanitize_sparse_mm.py
+#                                   (every sparse_mm format/dtype/quantisation, tails, split-K), into pytest.log
 #   layer benchmark      to LAYER_END_S=370 (min 60 s): 3 presets x 4 patterns x 8 M x (2 layers x 13 providers
 #                                   + 4 group providers) = 2880 rows (skipped ones included), do_bench 5 ms
 #                                   warm-up + 25 ms per point; not yet timed with the 3 cuda_* providers; stopped
@@ -38,7 +40,7 @@
 #   budget decides how much it covers and marks the rest skipped; more calls with other E2E_COMPILE_ARGS (e.g.
 #   --dtype bf16, --providers two_gemm semi_structured_24) fill in the matrix, and report.py merges the CSVs.
 # Override: PYTHON, OUT, SKIP_BUILD=1 (keep the installed build: a warm machine), CUDA_HOME, TORCH_CUDA_ARCH_LIST (default: this GPU's architecture only),
-# PYTEST_LIMIT_S, LAYER_END_S, E2E_END_S, PYBENCH_END_S, HARD_END_S (DEADLINE_S is its old name), BENCH_ARGS
+# PYTEST_LIMIT_S, MEMCHECK_LIMIT_S, LAYER_END_S, E2E_END_S, PYBENCH_END_S, HARD_END_S (DEADLINE_S is its old name), BENCH_ARGS
 # (layer), E2E_ARGS, E2E_COMPILE_ARGS. A copy of the tree without .git records commit "unknown" in the
 # CSVs: set FIPS_KERNELS_COMMIT=<short sha>[-dirty] to record the commit it was copied from.
 set -euo pipefail
@@ -52,6 +54,7 @@ STAGE="${1:-all}"
 case "$STAGE" in all|compile) ;; *) echo "usage: $0 [all|compile]" >&2; exit 2 ;; esac
 HARD_END_S="${HARD_END_S:-${DEADLINE_S:-530}}"   # no step runs past this (seconds since the start)
 PYTEST_LIMIT_S="${PYTEST_LIMIT_S:-180}"
+MEMCHECK_LIMIT_S="${MEMCHECK_LIMIT_S:-90}"
 LAYER_END_S="${LAYER_END_S:-370}"
 E2E_END_S="${E2E_END_S:-470}"
 PYBENCH_END_S="${PYBENCH_END_S:-520}"
@@ -156,6 +159,13 @@ if [ "$STAGE" = all ]; then
 run_step pytest "$OUT/pytest.log" env FIPS_KERNELS_REQUIRE_EXTENSION=1 \
     timeout "$PYTEST_LIMIT_S" "$PY" -m pytest -q -x -p no:cacheprovider tests \
     --ignore=tests/test_benchmarks_regression.py
+
+# ---- 3b. compute-sanitizer memcheck of the CUDA kernel (~30-90 s) ----------
+SANITIZER="$CUDA_HOME/bin/compute-sanitizer"
+if [ -x "$SANITIZER" ]; then
+run_step memcheck "$OUT/pytest.log" timeout "$MEMCHECK_LIMIT_S" \
+    "$SANITIZER" --tool memcheck --error-exitcode 1 "$PY" scripts/sanitize_sparse_mm.py
+else skip_step memcheck "no compute-sanitizer under $CUDA_HOME/bin"; fi
 
 # ---- 4. layer benchmark (to LAYER_END_S, stopped there) --------------------
 LEFT=$(step_limit "$LAYER_END_S" 60)
