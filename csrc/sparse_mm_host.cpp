@@ -201,6 +201,8 @@ SparseMMCall prepare_sparse_mm(const at::Tensor& A_, const at::Tensor& values_,
 
   call.grid_n = cdiv(N, BN);
   call.grid_m = cdiv(M, p.bm);
+  TORCH_CHECK(call.grid_m <= 65535, kOp, ": M=", M, " rows need ", call.grid_m,
+              " row blocks, above the grid limit of 65535 (split the batch)");
   const int64_t kbs = cdiv(K, BK);
   int64_t split = split_k;
   if (split == 0) {

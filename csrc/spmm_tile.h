@@ -239,6 +239,7 @@ FIPS_NM_HD Copy slot_copy(const Params& p, const Geom& g, int slot, int64_t kb, 
   }
   const int per_row = pitch / CHUNK;
   const int row = slot / per_row, ch = slot % per_row;
+  if (region == 0 && m0 + row >= p.M) return Copy{};  // rows past M (15 of 16 at M = 1): a_elem reads 0
   return chunk_copy(region_span(p, region, row, kb, nb, m0), stage_off + off + row * pitch, ch);
 }
 
@@ -429,10 +430,11 @@ FIPS_NM_HD uint32_t pack2(uint16_t lo, uint16_t hi) {
 }
 
 // A element (row i of the block, column kk of the K block) from the stage;
-// columns past K read the next row's bytes, so they are masked to zero here.
+// columns past K read the next row's bytes, and rows past M are never staged,
+// so both are masked to zero here.
 FIPS_NM_HD uint16_t a_elem(const Params& p, const Geom& g, const uint8_t* stage, int i, int kk,
                            int64_t kb, int64_t m0) {
-  if (kb * BK + kk >= p.K) return 0;
+  if (kb * BK + kk >= p.K || m0 + i >= p.M) return 0;
   return load_u16(stage, span_at(p, g, 0, i, kb, 0, m0) + kk * 2);
 }
 
