@@ -244,12 +244,43 @@ FIPS_NM_HD Copy slot_copy(const Params& p, const Geom& g, int slot, int64_t kb, 
 }
 
 // Byte offset (within the stage) of the first byte of a region row's span.
+// region_span(...).start & 15, in 32-bit arithmetic (the decode and fragment
+// loads ask for it per element; 64-bit multiplies cost several instructions
+// on the GPU): products may wrap but keep their low bits, and every value
+// divided is exact (< 2^32), so the result equals the 64-bit one.
+FIPS_NM_HD int span_shift(const Params& p, int region, int row, uint32_t kb, uint32_t nb, uint32_t m0) {
+  const uint32_t k0 = kb * BK, n0 = nb * BN;
+  const uint32_t K = static_cast<uint32_t>(p.K), N = static_cast<uint32_t>(p.N);
+  const uint32_t r = static_cast<uint32_t>(row);
+  const int vb = value_bits(p);
+  uint32_t start = 0;
+  if (region == 0) {
+    start = ((m0 + r) * K + k0) * 2u;
+  } else if (region == 1) {
+    if (p.fmt == kDense && p.transpose) {
+      start = ((n0 + r) * K + k0) * static_cast<uint32_t>(vb / 8);
+    } else if (p.fmt == kDense || p.fmt == kNM) {
+      const uint32_t row0 = p.fmt == kDense ? k0 : (k0 / p.m) * p.n;
+      const uint32_t brow = (vb == 4 ? row0 / 2 : row0) + r;
+      start = (brow * N + n0) * static_cast<uint32_t>(row_bytes_per_col(p));
+    } else {
+      const uint32_t e0 = static_cast<uint32_t>(p.aux1[bitmap_tile(p, kb, nb)]);
+      start = vb == 4 ? e0 / 2 : e0 * static_cast<uint32_t>(vb / 8);
+    }
+  } else if (p.fmt == kNM) {
+    const uint32_t j0 = (k0 / p.m) * p.n;
+    start = ((j0 >> nm::log2_entries_per_word(p.m)) + r) * N * 4u + n0 * 4u;
+  }  // bitmap masks: whole 512-byte tiles, always aligned
+  return static_cast<int>(start & 15u);
+}
+
 FIPS_NM_HD int span_at(const Params& p, const Geom& g, int region, int row, int64_t kb,
                        int64_t nb, int64_t m0) {
-  const Span s = region_span(p, region, row, kb, nb, m0);
   const int off = region == 0 ? g.a_off : region == 1 ? g.v_off : g.i_off;
   const int pitch = region == 0 ? g.a_pitch : region == 1 ? g.v_pitch : g.i_pitch;
-  return off + row * pitch + static_cast<int>(s.start & 15);
+  return off + row * pitch +
+         span_shift(p, region, row, static_cast<uint32_t>(kb), static_cast<uint32_t>(nb),
+                    static_cast<uint32_t>(m0));
 }
 
 // ---------------------------------------------------------------- decode
