@@ -191,14 +191,8 @@ class _TritonStrategy(Provider):
     def prepare(self, case: LayerCase) -> Prepared:
         from ..triton import strategies
 
-        layer, factor, strategy = case.layer, case.factor, self.strategy
-        U, b = layer.base.operand, layer.bias.detach() if layer.bias is not None else None
-        if case.kind == "expand":
-            def run(x):
-                return strategies.expand(x, U, factor, b, strategy=strategy)
-        else:
-            def run(x):
-                return strategies.contract(x, U, factor, b, strategy=strategy)
+        strategy = self.strategy
+        run = _forced_strategy_run(strategies, case, strategy)
         if strategy == "reconstruct":  # W rebuilt per call: 2·d·r·h dense-equivalent MACs, then the GEMM
             flops = lambda M: 2 * case.preset.d * case.rank * case.preset.h + dense_flops(case, M)  # noqa: E731
         else:
@@ -219,6 +213,15 @@ class TritonReconstruct(_TritonStrategy):
     name = "triton_reconstruct"
     description = "Triton, reconstruct strategy: W = U·B rebuilt by the Triton kernel into a reused workspace, then cuBLAS"
     strategy = "reconstruct"
+
+
+def _forced_strategy_run(strategies, case: LayerCase, strategy: str) -> Callable:
+    """``x -> y`` of the case's layer through a backend's strategies module with ``strategy`` forced."""
+    layer, factor = case.layer, case.factor
+    U, b = layer.base.operand, layer.bias.detach() if layer.bias is not None else None
+    if case.kind == "expand":
+        return lambda x: strategies.expand(x, U, factor, b, strategy=strategy)
+    return lambda x: strategies.contract(x, U, factor, b, strategy=strategy)
 
 
 class _CudaStrategy(Provider):
@@ -264,12 +267,7 @@ class _CudaStrategy(Provider):
             Bt, U_pad = sparse24.operands(U, factor, case.kind, strict=True)
             weight_bytes = sparse24.tensor_nbytes(Bt) + tensor_bytes(U_pad, b)
             r_pad = U_pad.shape[1]
-        if case.kind == "expand":
-            def run(x):
-                return strategies.expand(x, U, factor, b, strategy=strategy)
-        else:
-            def run(x):
-                return strategies.contract(x, U, factor, b, strategy=strategy)
+        run = _forced_strategy_run(strategies, case, strategy)
         return Prepared(run=run, weight_bytes=weight_bytes, flops=self._flops(case, r_pad),
                         backend=f"cuda/{strategy}")
 
