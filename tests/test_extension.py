@@ -125,6 +125,7 @@ def test_extension_available():
         pytest.skip(f"fips_kernels._C unavailable: {_extension.error()}")
     assert _extension.error() is None
     assert hasattr(torch.ops.fips_kernels_cuda, "reconstruct_nm")
+    assert hasattr(torch.ops.fips_kernels_cuda, "sparse_mm"), "an old build: reinstall to compile csrc/sparse_mm*"
 
 
 def _fresh_extension_module():
