@@ -2,10 +2,10 @@
 
 The header (stored in the safetensors metadata under ``"fips_kernels"``)
 records the format version, every FiPS layer (path, kind, format, meta,
-base), every shared base, tensors stored once for several names (tied
-weights) and a SHA-256 of every tensor's bytes. :func:`load` refuses a
-truncated, altered or mismatched file with :class:`CheckpointError`; what it
-loads is bit-exact.
+base; ``cast_input`` when set), every shared base, tensors stored once for
+several names (tied weights) and a SHA-256 of every tensor's bytes.
+:func:`load` refuses a truncated, altered or mismatched file with
+:class:`CheckpointError`; what it loads is bit-exact.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _layer_record(layer: FiPSLinear, base_path: str) -> dict:
     return {"kind": layer.kind, "format": layer.format, "meta": list(layer.meta), "base": base_path,
             "in_features": layer.in_features, "out_features": layer.out_features,
             "bias": layer.bias is not None, "dtype": str(layer.V_values.dtype).replace("torch.", ""),
-            "quantized": layer.factor.quantized}
+            "quantized": layer.factor.quantized, **({"cast_input": True} if layer.cast_input else {})}
 
 
 def save(module: nn.Module, path: PathLike) -> None:
@@ -130,7 +130,7 @@ def _build_layer(name: str, rec: dict, base: SharedBase, tensors: Dict[str, torc
         scales = tensors[prefix + "V_scales"] if rec.get("quantized") else None
         factor = SparseFactor.from_parts(rec["format"], rec["meta"], values, aux, validate=True, scales=scales)
         bias = tensors[prefix + "bias"] if rec["bias"] else None
-        return FiPSLinear(base, factor, rec["kind"], bias)
+        return FiPSLinear(base, factor, rec["kind"], bias, cast_input=bool(rec.get("cast_input", False)))
     except KeyError as exc:
         raise CheckpointError(f"layer {name!r}: tensor {exc} is missing from the checkpoint") from None
     except (FormatError, ValueError, TypeError) as exc:

@@ -102,13 +102,18 @@ class FiPSLinear(nn.Module):
         own_base: register ``base`` as this layer's submodule (a group of one);
             otherwise the base must be registered by a :class:`FiPSGroup` or a
             model (:func:`install`) so it is saved and moved once.
+        cast_input: a floating input of another dtype than the layer's (its
+            factors' arithmetic dtype, :attr:`compute_dtype`) is cast to it and
+            the output cast back to the input's dtype — e.g. fp16 factors inside
+            an fp32 model (``compress(..., factor_dtype=torch.float16)`` sets it;
+            checkpoints keep it). Off by default: a mismatched input is refused.
 
     Input ``(*, in_features)`` → output ``(*, out_features)``, same dtype.
     The dense ``weight`` is only built when the property is read.
     """
 
     def __init__(self, base: SharedBase, factor: SparseFactor, kind: str,
-                 bias: Optional[torch.Tensor] = None, *, own_base: bool = False):
+                 bias: Optional[torch.Tensor] = None, *, own_base: bool = False, cast_input: bool = False):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"FiPSLinear: kind must be one of {KINDS}, got {kind!r}")
@@ -145,6 +150,7 @@ class FiPSLinear(nn.Module):
             self.bias = nn.Parameter(bias)
         else:
             self.register_parameter("bias", None)
+        self.cast_input = bool(cast_input)
         self._weight_cache: Optional[torch.Tensor] = None
         self._cache_versions: Tuple[int, int] = (-1, -1)
 
@@ -184,6 +190,11 @@ class FiPSLinear(nn.Module):
             setattr(self, f"V_{name}", t)
         self.meta = list(factor.meta)
         self._weight_cache = None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The layer's arithmetic dtype: its float values' (a quantised factor's scales')."""
+        return (self.V_scales if self.V_scales is not None else self.V_values).dtype
 
     @property
     def V(self) -> torch.Tensor:
@@ -237,6 +248,11 @@ class FiPSLinear(nn.Module):
 
     # ---- forward ----------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cast_input and x.is_floating_point() and x.dtype != self.compute_dtype:
+            return self._forward(x.to(self.compute_dtype)).to(x.dtype)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._weight_cache is not None and not torch.is_grad_enabled() and self._large_m(x):
             return torch.nn.functional.linear(x, self._cached_weight(), self.bias)
         aux = [getattr(self, n) for n in self._aux_names] + [None, None]
@@ -249,7 +265,8 @@ class FiPSLinear(nn.Module):
         f = self.factor
         return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, "
                 f"rank={self.rank}, format={self.format}, pattern={f.pattern()}, "
-                f"density={f.density:.3f}, bias={self.bias is not None}")
+                f"density={f.density:.3f}, bias={self.bias is not None}"
+                + (f", dtype={self.compute_dtype}, cast_input=True" if self.cast_input else ""))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, budget: float = 0.5, sparsity: Optional[float] = None,

@@ -76,6 +76,45 @@ def test_cli_compresses_a_hf_directory_and_writes_checkpoint_and_report(bert_dir
     assert sum(isinstance(m, fk.FiPSLinear) for m in model.modules()) == 8
 
 
+def test_cli_factor_dtype_fp16_writes_16bit_factors(bert_dir, tmp_path, capsys):
+    data = _text_file(tmp_path / "calib.txt", n=24)
+    reports = {}
+    for dt in ("fp32", "fp16"):
+        out = tmp_path / f"{dt}.safetensors"
+        rc = cli.main(["compress", str(bert_dir), "--data", str(data), "--out", str(out), "--steps", "6",
+                       "--prune-every", "3", "--batch-size", "6", "--group-size", "2", "--no-progress",
+                       "--factor-dtype", dt])
+        text = capsys.readouterr().out
+        assert rc == 0, text
+        assert ("factor dtype float16" in text) == (dt == "fp16")
+        reports[dt] = json.loads((tmp_path / f"{dt}.report.json").read_text())
+    assert reports["fp16"]["config"]["factor_dtype"] == "float16"
+    assert reports["fp32"]["config"]["factor_dtype"] == "float32"
+    t32, t16 = reports["fp32"]["totals"], reports["fp16"]["totals"]
+    assert t16["parameters"] == t32["parameters"] and 0.5 < t16["bytes"] / t32["bytes"] < 0.6
+    from transformers import BertModel
+
+    model = fk.load(tmp_path / "fp16.safetensors", BertModel.from_pretrained(str(bert_dir)))
+    layer = model.encoder.layer[3].output.dense
+    assert isinstance(layer, fk.FiPSLinear) and layer.cast_input
+    assert layer.U.dtype == layer.V_values.dtype == layer.bias.dtype == torch.float16
+    assert model.embeddings.word_embeddings.weight.dtype == torch.float32
+    ids = torch.tensor([[2, 7, 9, 11, 3]])
+    with torch.no_grad():
+        assert model(input_ids=ids).last_hidden_state.dtype == torch.float32
+
+
+def test_cli_factor_dtype_parses_and_refuses_bad_values(capsys):
+    parser = cli.build_parser()
+    assert parser.parse_args(["compress"]).factor_dtype == "fp32"
+    assert parser.parse_args(["compress", "--factor-dtype", "bf16"]).factor_dtype == "bf16"
+    for bad in ("fp8", "float16", "int8"):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(["compress", "--factor-dtype", bad])
+        assert exc.value.code == 2
+        assert "invalid choice" in capsys.readouterr().err
+
+
 def test_cli_resume_continues_from_the_state_directory(bert_dir, tmp_path, capsys):
     data = _text_file(tmp_path / "calib.txt", n=16)
     out = tmp_path / "m.safetensors"

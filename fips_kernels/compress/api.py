@@ -36,6 +36,21 @@ from .train import GroupResult, TrainConfig, train_group
 __all__ = ["compress"]
 
 PATTERN_FORMATS = {"unstructured": ("bitmap", "csr"), "nm": ("nm",), "dense": ("dense",)}
+FACTOR_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_factor_dtype(factor_dtype) -> Optional[torch.dtype]:
+    """None, or the torch dtype ``factor_dtype`` names (float32, float16, bfloat16, or the
+    names ``"fp32"``, ``"fp16"``, ``"bf16"``); anything else raises ValueError."""
+    if factor_dtype is None:
+        return None
+    if isinstance(factor_dtype, str) and factor_dtype.lower() in FACTOR_DTYPES:
+        return FACTOR_DTYPES[factor_dtype.lower()]
+    if isinstance(factor_dtype, torch.dtype) and factor_dtype in FACTOR_DTYPES.values():
+        return factor_dtype
+    raise ValueError(f"compress: factor_dtype must be None, torch.float32, torch.float16 or torch.bfloat16 "
+                     f"('fp32', 'fp16', 'bf16'), got {factor_dtype!r}")
 
 
 @contextlib.contextmanager
@@ -99,7 +114,8 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
              forward: Optional[Callable] = None, output_fn: Optional[Callable] = None, top1: Optional[bool] = None,
              store_device: Union[str, torch.device] = "cpu", record_per_group: bool = False,
              model_name: Optional[str] = None, qbits: Optional[int] = None, qgroup: int = 64,
-             base_qbits: Optional[int] = None) -> Tuple[nn.Module, CompressionReport]:
+             base_qbits: Optional[int] = None,
+             factor_dtype: Union[None, str, torch.dtype] = None) -> Tuple[nn.Module, CompressionReport]:
     """Compress the MLPs of ``model`` with FiPS, in place; returns ``(model, report)``.
 
     Args:
@@ -152,6 +168,14 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
             reduction axis (docs/FORMATS.md); training sees the rounded values through a
             straight-through estimator, so it fits the grid the kernels will read.
         base_qbits: 8 for an int8 base ``U`` (one scale per column), trained the same way.
+        factor_dtype: store the packed factors in ``torch.float16`` or ``torch.bfloat16``
+            (None or the model's dtype: the model's). Training is unchanged (fp32); at
+            packing ``U``, float factor values, the scales of int8/int4 values and of an
+            int8 base, and the MLP biases are rounded to it, and the FiPS layers cast their
+            input to it and their output back to the model's dtype (``cast_input``), so the
+            report's bytes, the end-to-end agreement and the checkpoint are those of the
+            16-bit factors. The per-unit errors on the training batches are the fp32
+            factors' (measured before packing).
     """
     t_start = time.perf_counter()
     pat, sparsity, fmt = _check_args(budget, steps, pattern, sparsity, format, pruning, mask_scope, nm_schedule,
@@ -162,6 +186,7 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
         raise ValueError(f"compress: the {fmt} format cannot be quantised (quantised formats: {QUANT_FORMATS})")
     if qbits and qgroup < 1:
         raise ValueError(f"compress: qgroup must be >= 1, got {qgroup}")
+    factor_dtype = resolve_factor_dtype(factor_dtype)
     preset = resolve_preset(model, preset)
     units = find_units(model, preset, unit)
     unit = unit or preset.unit
@@ -261,13 +286,19 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
             raise RuntimeError(f"compress: no result for groups {missing}")
 
         params_before = sum(p.numel() for p in model.parameters())
+        # not part of the resume fingerprint: the state holds the fp32 training result
         report = CompressionReport(model=model_name or type(model).__name__, preset=preset.name, unit=unit,
-                                   config=run_config)
+                                   config=dict(run_config, factor_dtype=str(factor_dtype or dtype).replace(
+                                       "torch.", "")))
         for g in groups:
             res = all_results[g.index]
-            fgroup = pack_group(res.U, res.Vs, res.biases, g.kinds, pat, fmt, dtype=dtype, device=device, tile=tile,
-                                info={"rank": res.rank, "budget": budget, "sparsity": sparsity, "pattern": pattern},
-                                qbits=qbits, qgroup=qgroup, base_qbits=base_qbits)
+            try:
+                fgroup = pack_group(res.U, res.Vs, res.biases, g.kinds, pat, fmt, dtype=dtype, device=device,
+                                    tile=tile, info={"rank": res.rank, "budget": budget, "sparsity": sparsity,
+                                                     "pattern": pattern},
+                                    qbits=qbits, qgroup=qgroup, base_qbits=base_qbits, factor_dtype=factor_dtype)
+            except ValueError as exc:  # a value beyond the 16-bit range (the trained groups stay in resume_dir)
+                raise ValueError(f"compress: group {g.index} ({_span(g)}): {exc}") from None
             install(model, fgroup, g.linears)
             report.groups.append(_group_report(g, res, fgroup, fmt, dtype, g.index in all_resumed))
         params_after = sum(p.numel() for p in model.parameters())

@@ -59,6 +59,10 @@ def add_arguments(p) -> None:
                                                              "straight-through estimator; default: float)")
     p.add_argument("--qgroup", type=int, default=64, help="rows of the reduction axis per scale (default 64)")
     p.add_argument("--base-qbits", type=int, choices=(8,), help="8: an int8 base U, one scale per column")
+    p.add_argument("--factor-dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="dtype the packed factors are stored in: U, float factor values, the scales of int8/int4 "
+                        "values and of an int8 base, the MLP biases (default fp32; training is always fp32; "
+                        "fp16/bf16 layers cast their input to that dtype and their output back)")
     p.add_argument("--steps", type=int, help="optimisation steps per group (default 600; 200 for the built-in "
                                              "default on a CPU)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
@@ -303,7 +307,7 @@ def run(args) -> int:
             pruning=args.pruning, prune_every=args.prune_every, mask_scope=args.mask_scope, seed=args.seed,
             resume_dir=state_dir, progress=not args.no_progress, output_fn=loaded.output_fn,
             record_per_group=args.record_per_group, model_name=loaded.name, qbits=args.qbits, qgroup=args.qgroup,
-            base_qbits=args.base_qbits)
+            base_qbits=args.base_qbits, factor_dtype=None if args.factor_dtype == "fp32" else args.factor_dtype)
     except ValueError as exc:  # bad settings for this model (pattern, group size, budget too small, ...)
         raise CommandError(str(exc)) from None
     except KeyboardInterrupt:

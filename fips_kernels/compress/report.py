@@ -111,7 +111,8 @@ class CompressionReport:
         lines = [
             f"FiPS compression of {self.model} (preset {self.preset}, unit {self.unit}): budget {c.get('budget')}, "
             f"{pattern} (s={c.get('sparsity')}, {c.get('format')}), groups of {c.get('group_size')}, "
-            f"{c.get('steps')} steps, {c.get('pruning')} ({c.get('mask_scope')}), seed {c.get('seed')}",
+            f"{c.get('steps')} steps, {c.get('pruning')} ({c.get('mask_scope')}), seed {c.get('seed')}"
+            + (f", factor dtype {c['factor_dtype']}" if c.get("factor_dtype", "float32") != "float32" else ""),
             f"calibration: {self.calibration.get('train_samples')} samples in {self.calibration.get('train_batches')} "
             f"batches for training, {self.calibration.get('holdout_samples')} held back",
             "",
