@@ -226,6 +226,13 @@ TORCH_LIBRARY(fips_kernels_cuda, m) {
       "sparse_mm(Tensor A, Tensor values, Tensor? aux0, Tensor? aux1, Tensor? scales, "
       "Tensor? bias, str fmt, int K, int N, int p0, int p1, int qbits, int qgroup, "
       "bool transpose, str activation, int split_k, ScalarType? out_dtype) -> Tensor");
+  // silu(A . B_gate + b_gate) * (A . B_up + b_up): both factors decoded in one
+  // K loop, A read once (Llama/Gemma gate and up projections).
+  m.def(
+      "sparse_mm_gated(Tensor A, Tensor values, Tensor? aux0, Tensor? aux1, Tensor? scales, "
+      "Tensor? bias, Tensor up_values, Tensor? up_aux0, Tensor? up_aux1, Tensor? up_scales, "
+      "Tensor? up_bias, str fmt, int K, int N, int p0, int p1, int qbits, int qgroup, int split_k, "
+      "ScalarType? out_dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fips_kernels_cuda, CPU, m) {

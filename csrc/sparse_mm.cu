@@ -81,28 +81,31 @@ __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], const 
 #endif
 }
 
-// MT = BM / 16 row tiles of 16: a template parameter so the accumulators stay in registers.
-template <typename Cvt, bool BF16, int MT>
+// MT = BM / 16 row tiles of 16 and NF = 1 + gated factors: template
+// parameters so the accumulators stay in registers.
+template <typename Cvt, bool BF16, int MT, int NF>
 __global__ void __launch_bounds__(THREADS) sparse_mm_kernel(const Params p) {
   extern __shared__ __align__(16) uint8_t smem[];
   const Geom g = make_geom(p);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t nb = blockIdx.x, m0 = static_cast<int64_t>(blockIdx.y) * p.bm;
   const int z = blockIdx.z;
-  uint8_t* bs = smem + STAGES * g.stage_bytes;
+  uint8_t* bs = smem + STAGES * g.stage_bytes;  // NF decoded tiles, BS_BYTES apart
 
-  float acc[MT][2][4];
+  float acc[NF][MT][2][4];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+  for (int f = 0; f < NF; ++f)
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[f][mt][nt][i] = 0.f;
 
   int64_t kb_begin, kb_end;
   split_range(p, z, &kb_begin, &kb_end);
   const int64_t nkb = kb_end > kb_begin ? kb_end - kb_begin : 0;
-  const int slots = stage_slots(g);
+  const int slots = stage_slots(p, g);
   auto issue = [&](int s, int64_t kb) {
     for (int slot = tid; slot < slots; slot += THREADS) {
       const Copy c = slot_copy(p, g, slot, kb, nb, m0, s * g.stage_bytes);
@@ -125,19 +128,24 @@ __global__ void __launch_bounds__(THREADS) sparse_mm_kernel(const Params p) {
     cp_async_commit();
     const int64_t kb = kb_begin + it;
     const uint8_t* stage = smem + (it % STAGES) * g.stage_bytes;
-    decode<Cvt>(p, g, stage, bs, tid, kb, nb);
+#pragma unroll
+    for (int f = 0; f < NF; ++f) decode<Cvt>(p, g, stage, bs + f * BS_BYTES, tid, kb, nb, f);
     __syncthreads();
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {
-      uint32_t b[2][2];
+      uint32_t b[NF][2][2];
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) load_b_frag(bs, lane, warp, nt, ks, b[nt]);
+      for (int f = 0; f < NF; ++f)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) load_b_frag(bs + f * BS_BYTES, lane, warp, nt, ks, b[f][nt]);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         uint32_t a[4];
         load_a_frag(p, g, stage, lane, mt, ks, kb, m0, a);
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) mma16816<BF16>(acc[mt][nt], a, b[nt]);
+        for (int f = 0; f < NF; ++f)
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) mma16816<BF16>(acc[f][mt][nt], a, b[f][nt]);
       }
     }
   }
@@ -151,7 +159,7 @@ __global__ void __launch_bounds__(THREADS) sparse_mm_kernel(const Params p) {
       for (int i = 0; i < 4; ++i) {
         int row, col;
         c_coord(lane, warp, mt, nt, i, &row, &col);
-        epilogue<Cvt>(p, m0 + row, nb * BN + col, z, acc[mt][nt][i]);
+        epilogue<Cvt>(p, m0 + row, nb * BN + col, z, acc[0][mt][nt][i], acc[NF - 1][mt][nt][i]);
       }
 }
 
@@ -178,9 +186,9 @@ DeviceFacts device_facts(int device) {
   return f;
 }
 
-template <typename Cvt, bool BF16, int MT>
+template <typename Cvt, bool BF16, int MT, int NF>
 void launch_main(const SparseMMCall& call, int smem, const DeviceFacts& dev, cudaStream_t stream) {
-  auto kernel = sparse_mm_kernel<Cvt, BF16, MT>;
+  auto kernel = sparse_mm_kernel<Cvt, BF16, MT, NF>;
   if (smem > 48 * 1024) {
     TORCH_CHECK(smem <= dev.smem_optin, "fips_kernels_cuda::sparse_mm: needs ", smem,
                 " bytes of shared memory per block, this GPU allows ", dev.smem_optin);
@@ -195,10 +203,18 @@ void launch_main(const SparseMMCall& call, int smem, const DeviceFacts& dev, cud
 template <typename Cvt, bool BF16>
 void launch(const SparseMMCall& call, const DeviceFacts& dev, cudaStream_t stream) {
   const int smem = smem_bytes(call.p);
-  switch (call.p.bm) {
-    case 16: launch_main<Cvt, BF16, 1>(call, smem, dev, stream); break;
-    case 32: launch_main<Cvt, BF16, 2>(call, smem, dev, stream); break;
-    default: launch_main<Cvt, BF16, 4>(call, smem, dev, stream); break;
+  if (call.p.gated) {  // at most 32 rows per block (prepare_sparse_mm): two accumulator sets
+    if (call.p.bm == 16) {
+      launch_main<Cvt, BF16, 1, 2>(call, smem, dev, stream);
+    } else {
+      launch_main<Cvt, BF16, 2, 2>(call, smem, dev, stream);
+    }
+  } else {
+    switch (call.p.bm) {
+      case 16: launch_main<Cvt, BF16, 1, 1>(call, smem, dev, stream); break;
+      case 32: launch_main<Cvt, BF16, 2, 1>(call, smem, dev, stream); break;
+      default: launch_main<Cvt, BF16, 4, 1>(call, smem, dev, stream); break;
+    }
   }
   if (call.p.split > 1) {
     const int64_t total = call.p.M * call.p.N;
@@ -210,20 +226,15 @@ void launch(const SparseMMCall& call, const DeviceFacts& dev, cudaStream_t strea
   }
 }
 
-at::Tensor sparse_mm_cuda(const at::Tensor& A, const at::Tensor& values,
-                          const std::optional<at::Tensor>& aux0, const std::optional<at::Tensor>& aux1,
-                          const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
-                          c10::string_view fmt, int64_t K, int64_t N, int64_t p0, int64_t p1,
-                          int64_t qbits, int64_t qgroup, bool transpose, c10::string_view activation,
-                          int64_t split_k, std::optional<at::ScalarType> out_dtype) {
-  TORCH_CHECK(A.is_cuda(), "fips_kernels_cuda::sparse_mm (CUDA): A must be a CUDA tensor, got ", A.device());
-  const c10::cuda::CUDAGuard guard(A.device());
+// Capability of A's device (the caller holds a device guard for A's device).
+DeviceFacts checked_device(const at::Tensor& A) {
   const DeviceFacts dev = device_facts(A.device().index());
   TORCH_CHECK(dev.major >= 8, "fips_kernels_cuda::sparse_mm: needs compute capability 8.0 or newer ",
               "(cp.async, mma.sync bf16), device ", A.device().index(), " is ", dev.major, ".", dev.minor);
-  SparseMMCall call = prepare_sparse_mm(A, values, aux0, aux1, scales, bias, fmt, K, N, p0, p1, qbits,
-                                        qgroup, transpose, activation, split_k, out_dtype,
-                                        dev.sms);
+  return dev;
+}
+
+at::Tensor run_cuda(const SparseMMCall& call, const DeviceFacts& dev) {
   if (call.out.numel() == 0) return call.out;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (call.bf16) {
@@ -234,10 +245,41 @@ at::Tensor sparse_mm_cuda(const at::Tensor& A, const at::Tensor& values,
   return call.out;
 }
 
+at::Tensor sparse_mm_cuda(const at::Tensor& A, const at::Tensor& values,
+                          const std::optional<at::Tensor>& aux0, const std::optional<at::Tensor>& aux1,
+                          const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
+                          c10::string_view fmt, int64_t K, int64_t N, int64_t p0, int64_t p1,
+                          int64_t qbits, int64_t qgroup, bool transpose, c10::string_view activation,
+                          int64_t split_k, std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(A.is_cuda(), "fips_kernels_cuda::sparse_mm (CUDA): A must be a CUDA tensor, got ", A.device());
+  const c10::cuda::CUDAGuard guard(A.device());
+  const DeviceFacts dev = checked_device(A);
+  return run_cuda(prepare_sparse_mm(A, {values, aux0, aux1, scales, bias}, nullptr, fmt, K, N, p0, p1, qbits,
+                                    qgroup, transpose, activation, split_k, out_dtype, dev.sms),
+                  dev);
+}
+
+at::Tensor sparse_mm_gated_cuda(const at::Tensor& A, const at::Tensor& values, const std::optional<at::Tensor>& aux0,
+                                const std::optional<at::Tensor>& aux1, const std::optional<at::Tensor>& scales,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& up_values,
+                                const std::optional<at::Tensor>& up_aux0, const std::optional<at::Tensor>& up_aux1,
+                                const std::optional<at::Tensor>& up_scales, const std::optional<at::Tensor>& up_bias,
+                                c10::string_view fmt, int64_t K, int64_t N, int64_t p0, int64_t p1, int64_t qbits,
+                                int64_t qgroup, int64_t split_k, std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(A.is_cuda(), "fips_kernels_cuda::sparse_mm (CUDA): A must be a CUDA tensor, got ", A.device());
+  const c10::cuda::CUDAGuard guard(A.device());
+  const DeviceFacts dev = checked_device(A);
+  const FactorTensors up{up_values, up_aux0, up_aux1, up_scales, up_bias};
+  return run_cuda(prepare_sparse_mm(A, {values, aux0, aux1, scales, bias}, &up, fmt, K, N, p0, p1, qbits, qgroup,
+                                    false, "silu", split_k, out_dtype, dev.sms),
+                  dev);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fips_kernels_cuda, CUDA, m) {
   m.impl("sparse_mm", &sparse_mm_cuda);
+  m.impl("sparse_mm_gated", &sparse_mm_gated_cuda);
 }
 
 }  // namespace fips_kernels

@@ -23,18 +23,21 @@ struct SparseMMCall {
   int64_t grid_n = 0, grid_m = 0; // blocks along N and M (grid.z = p.split)
 };
 
+// One factor's tensors as the ops receive them.
+struct FactorTensors {
+  at::Tensor values;
+  std::optional<at::Tensor> aux0, aux1, scales, bias;
+};
+
 // Validates the op's arguments (TORCH_CHECK naming the argument, its shape,
-// dtype or device) and describes the launch. `sm_count` is the number of
-// multiprocessors split-K should fill when split_k == 0. Never reads device
-// memory: the bitmap offsets are trusted (SparseFactor validates them).
-SparseMMCall prepare_sparse_mm(const at::Tensor& A, const at::Tensor& values,
-                               const std::optional<at::Tensor>& aux0,
-                               const std::optional<at::Tensor>& aux1,
-                               const std::optional<at::Tensor>& scales,
-                               const std::optional<at::Tensor>& bias, c10::string_view fmt,
-                               int64_t K, int64_t N, int64_t p0, int64_t p1, int64_t qbits,
-                               int64_t qgroup, bool transpose, c10::string_view activation,
-                               int64_t split_k, std::optional<at::ScalarType> out_dtype,
-                               int64_t sm_count);
+// dtype or device) and describes the launch; `up` given: the gated form
+// silu(A·B + b) * (A·B_up + b_up) (activation is then ignored). `sm_count`
+// is the number of multiprocessors split-K should fill when split_k == 0.
+// Never reads device memory: the bitmap offsets are trusted (SparseFactor
+// validates them).
+SparseMMCall prepare_sparse_mm(const at::Tensor& A, const FactorTensors& first, const FactorTensors* up,
+                               c10::string_view fmt, int64_t K, int64_t N, int64_t p0, int64_t p1,
+                               int64_t qbits, int64_t qgroup, bool transpose, c10::string_view activation,
+                               int64_t split_k, std::optional<at::ScalarType> out_dtype, int64_t sm_count);
 
 }  // namespace fips_kernels

@@ -45,10 +45,8 @@ enum Act : int { kNone = 0, kGelu = 1, kSilu = 2 };
 FIPS_NM_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 FIPS_NM_HD int round16(int64_t x) { return static_cast<int>((x + 15) & ~int64_t{15}); }
 
-// Everything a block needs; plain data, passed by value to the kernel.
-struct Params {
-  const uint8_t* A;        // (M, K) fp16/bf16, contiguous rows
-  int64_t M, K, N;
+// One packed factor's arrays (device or host pointers).
+struct Factor {
   const uint8_t* values;   // raw bytes of the factor's values
   int64_t v_bytes;         // size of the values allocation in bytes
   const int32_t* aux0;     // nm: indices; bitmap: bitmask
@@ -56,13 +54,27 @@ struct Params {
   const int32_t* aux1;     // bitmap: offsets (T + 1,)
   const uint16_t* scales;  // quantised: (ceil(K/qg), N) fp16/bf16 bits (transposed: (ceil(N/qg), K))
   const uint16_t* bias;    // (N,) fp16/bf16 bits or null
+};
+
+// Everything a block needs; plain data, passed by value to the kernel.
+// Gated (Llama/Gemma gate and up): f[0] is the gate, f[1] the up factor, both
+// with A's dtype, format, shape and pattern; out = silu(A·Bg + bg) * (A·Bu + bu).
+struct Params {
+  const uint8_t* A;        // (M, K) fp16/bf16, contiguous rows
+  int64_t M, K, N;
+  Factor f[2];
   void* out;               // (M, N) fp16/bf16 or fp32
-  float* ws;               // split-K partials (split, M, N) fp32, or null
+  float* ws;               // split-K partials ((1 + gated) * split, M, N) fp32, or null
+  int gated;
   int fmt, n, m, qbits, qgroup, transpose, act, out_fp32;
   int bm;                  // rows per block: 16, 32, 64
   int split;               // K splits (grid.z)
   int kb_per_split;        // K blocks per split
 };
+
+// Factor w (0 or 1) by a select rather than p.f[w]: a runtime index into the
+// kernel's parameter struct would copy it to local memory.
+FIPS_NM_HD Factor factor(const Params& p, int w) { return w ? p.f[1] : p.f[0]; }
 
 // ---------------------------------------------------------------- stage layout
 
@@ -70,12 +82,19 @@ struct Params {
 // bytes; a row holds a copied span whose start is rounded down to 16 bytes
 // (cp.async needs 16-byte aligned source and destination), so the span's
 // first byte sits at (start & 15) within its row.
+// (Scalars, not arrays: a runtime index into a local or kernel-parameter
+// array would put it in local memory on the GPU.)
 struct Geom {
   int a_rows, a_pitch, a_off;
-  int v_rows, v_pitch, v_off;
-  int i_rows, i_pitch, i_off;  // nm index words, or the bitmap masks (one row)
+  int v_rows, v_pitch, v_off0;
+  int i_rows, i_pitch, i_off0;  // nm index words, or the bitmap masks (one row)
+  int f1;                       // factor 1's regions follow factor 0's, f1 bytes later
   int stage_bytes;
 };
+
+// Stage regions: 0 = A rows, 1 + 2w = values of factor w, 2 + 2w = its index words / masks.
+FIPS_NM_HD int region_factor(int region) { return (region - 1) / 2; }
+FIPS_NM_HD bool is_values(int region) { return region % 2 == 1; }
 
 // Bits per stored value: 16 (fp16/bf16), 8 or 4.
 FIPS_NM_HD int value_bits(const Params& p) { return p.qbits ? p.qbits : 16; }
@@ -115,14 +134,19 @@ FIPS_NM_HD Geom make_geom(const Params& p) {
     g.i_pitch = BK * (BN / 32) * 4;
   }
   g.a_off = 0;
-  g.v_off = g.a_rows * g.a_pitch;
-  g.i_off = g.v_off + g.v_rows * g.v_pitch;
-  g.stage_bytes = g.i_off + g.i_rows * g.i_pitch;
+  int at = g.a_rows * g.a_pitch;
+  const int per_factor = g.v_rows * g.v_pitch + g.i_rows * g.i_pitch;
+  g.v_off0 = at;
+  g.i_off0 = at + g.v_rows * g.v_pitch;
+  g.stage_bytes = at + (1 + p.gated) * per_factor;
+  g.f1 = per_factor;
   return g;
 }
 
-// Dynamic shared memory of a block: the stage ring, then Bs.
-FIPS_NM_HD int smem_bytes(const Params& p) { return STAGES * make_geom(p).stage_bytes + BS_BYTES; }
+// Dynamic shared memory of a block: the stage ring, then one Bs per factor.
+FIPS_NM_HD int smem_bytes(const Params& p) {
+  return STAGES * make_geom(p).stage_bytes + (1 + p.gated) * BS_BYTES;
+}
 
 // ---------------------------------------------------------------- staging
 
@@ -163,7 +187,6 @@ FIPS_NM_HD int64_t bitmap_tile(const Params& p, int64_t kb, int64_t nb) {
 }
 
 // Span of region row `row` of stage for K block kb, column block nb.
-// region: 0 = A, 1 = values, 2 = index words / bitmap masks.
 FIPS_NM_HD Span region_span(const Params& p, int region, int row, int64_t kb, int64_t nb,
                             int64_t m0) {
   const int64_t k0 = kb * BK, n0 = nb * BN;
@@ -176,9 +199,10 @@ FIPS_NM_HD Span region_span(const Params& p, int region, int row, int64_t kb, in
     s.len = BK * 2;
     return s;
   }
-  if (region == 1) {
-    s.base = p.values;
-    s.total = p.v_bytes;
+  const Factor f = factor(p, region_factor(region));
+  if (is_values(region)) {
+    s.base = f.values;
+    s.total = f.v_bytes;
     if (p.fmt == kDense && p.transpose) {
       s.start = ((n0 + row) * p.K + k0) * vb / 8;
       s.len = BK * vb / 8;
@@ -190,7 +214,7 @@ FIPS_NM_HD Span region_span(const Params& p, int region, int row, int64_t kb, in
       s.len = BN * row_bytes_per_col(p);
     } else {
       const int64_t t = bitmap_tile(p, kb, nb);
-      const int64_t e0 = p.aux1[t], e1 = p.aux1[t + 1];
+      const int64_t e0 = f.aux1[t], e1 = f.aux1[t + 1];
       if (vb == 4) {
         s.start = e0 / 2;
         s.len = (e1 + 1) / 2 - e0 / 2;
@@ -201,8 +225,8 @@ FIPS_NM_HD Span region_span(const Params& p, int region, int row, int64_t kb, in
     }
     return s;
   }
-  s.base = reinterpret_cast<const uint8_t*>(p.aux0);
-  s.total = p.aux0_bytes;
+  s.base = reinterpret_cast<const uint8_t*>(f.aux0);
+  s.total = f.aux0_bytes;
   if (p.fmt == kNM) {
     const int64_t j0 = (k0 / p.m) * p.n;
     const int64_t wrow = j0 / nm::entries_per_word(p.m) + row;
@@ -217,26 +241,41 @@ FIPS_NM_HD Span region_span(const Params& p, int region, int row, int64_t kb, in
 
 // Number of (region, row, chunk) slots of a stage; thread tid handles slots
 // tid, tid + THREADS, ...
-FIPS_NM_HD int stage_slots(const Geom& g) {
-  return g.a_rows * (g.a_pitch / CHUNK) + g.v_rows * (g.v_pitch / CHUNK) +
-         g.i_rows * (g.i_pitch / CHUNK);
+FIPS_NM_HD int stage_slots(const Params& p, const Geom& g) {
+  return g.a_rows * (g.a_pitch / CHUNK) +
+         (1 + p.gated) * (g.v_rows * (g.v_pitch / CHUNK) + g.i_rows * (g.i_pitch / CHUNK));
+}
+
+// Offset and pitch of a region in the stage.
+FIPS_NM_HD int region_off(const Geom& g, int region) {
+  return region == 0 ? g.a_off
+                     : (is_values(region) ? g.v_off0 : g.i_off0) + region_factor(region) * g.f1;
+}
+FIPS_NM_HD int region_pitch(const Geom& g, int region) {
+  return region == 0 ? g.a_pitch : is_values(region) ? g.v_pitch : g.i_pitch;
 }
 
 // The copy for slot `slot` of the stage of K block kb (stage memory at `stage_off`).
 FIPS_NM_HD Copy slot_copy(const Params& p, const Geom& g, int slot, int64_t kb, int64_t nb,
                           int64_t m0, int stage_off) {
-  int region, pitch, off;
-  int a_slots = g.a_rows * (g.a_pitch / CHUNK);
-  int v_slots = g.v_rows * (g.v_pitch / CHUNK);
+  const int a_slots = g.a_rows * (g.a_pitch / CHUNK);
+  const int v_slots = g.v_rows * (g.v_pitch / CHUNK);
+  const int f_slots = v_slots + g.i_rows * (g.i_pitch / CHUNK);
+  int region;
   if (slot < a_slots) {
-    region = 0; pitch = g.a_pitch; off = g.a_off;
-  } else if (slot < a_slots + v_slots) {
-    slot -= a_slots;
-    region = 1; pitch = g.v_pitch; off = g.v_off;
+    region = 0;
   } else {
-    slot -= a_slots + v_slots;
-    region = 2; pitch = g.i_pitch; off = g.i_off;
+    slot -= a_slots;
+    const int w = slot / f_slots;
+    slot -= w * f_slots;
+    if (slot < v_slots) {
+      region = 1 + 2 * w;
+    } else {
+      slot -= v_slots;
+      region = 2 + 2 * w;
+    }
   }
+  const int pitch = region_pitch(g, region), off = region_off(g, region);
   const int per_row = pitch / CHUNK;
   const int row = slot / per_row, ch = slot % per_row;
   if (region == 0 && m0 + row >= p.M) return Copy{};  // rows past M (15 of 16 at M = 1): a_elem reads 0
@@ -256,7 +295,7 @@ FIPS_NM_HD int span_shift(const Params& p, int region, int row, uint32_t kb, uin
   uint32_t start = 0;
   if (region == 0) {
     start = ((m0 + r) * K + k0) * 2u;
-  } else if (region == 1) {
+  } else if (is_values(region)) {
     if (p.fmt == kDense && p.transpose) {
       start = ((n0 + r) * K + k0) * static_cast<uint32_t>(vb / 8);
     } else if (p.fmt == kDense || p.fmt == kNM) {
@@ -264,7 +303,7 @@ FIPS_NM_HD int span_shift(const Params& p, int region, int row, uint32_t kb, uin
       const uint32_t brow = (vb == 4 ? row0 / 2 : row0) + r;
       start = (brow * N + n0) * static_cast<uint32_t>(row_bytes_per_col(p));
     } else {
-      const uint32_t e0 = static_cast<uint32_t>(p.aux1[bitmap_tile(p, kb, nb)]);
+      const uint32_t e0 = static_cast<uint32_t>(factor(p, region_factor(region)).aux1[bitmap_tile(p, kb, nb)]);
       start = vb == 4 ? e0 / 2 : e0 * static_cast<uint32_t>(vb / 8);
     }
   } else if (p.fmt == kNM) {
@@ -276,9 +315,7 @@ FIPS_NM_HD int span_shift(const Params& p, int region, int row, uint32_t kb, uin
 
 FIPS_NM_HD int span_at(const Params& p, const Geom& g, int region, int row, int64_t kb,
                        int64_t nb, int64_t m0) {
-  const int off = region == 0 ? g.a_off : region == 1 ? g.v_off : g.i_off;
-  const int pitch = region == 0 ? g.a_pitch : region == 1 ? g.v_pitch : g.i_pitch;
-  return off + row * pitch +
+  return region_off(g, region) + row * region_pitch(g, region) +
          span_shift(p, region, row, static_cast<uint32_t>(kb), static_cast<uint32_t>(nb),
                     static_cast<uint32_t>(m0));
 }
@@ -317,8 +354,8 @@ FIPS_NM_HD int32_t load_i32(const uint8_t* s, int at) { return ld<int32_t>(s + a
 // Stored value at a byte offset, as the compute type's bits: a float value is
 // copied bit for bit; a quantised one is q * scale rounded once (as the reference).
 template <typename Cvt>
-FIPS_NM_HD uint16_t value_bits_at(const Params& p, const uint8_t* stage, int at, int nibble,
-                                  int64_t k, int64_t c) {
+FIPS_NM_HD uint16_t value_bits_at(const Params& p, const uint16_t* scales, const uint8_t* stage,
+                                  int at, int nibble, int64_t k, int64_t c) {
   if (p.qbits == 0) return load_u16(stage, at);
   int q;
   if (p.qbits == 8) {
@@ -332,7 +369,7 @@ FIPS_NM_HD uint16_t value_bits_at(const Params& p, const uint8_t* stage, int at,
   const int64_t srow = p.transpose ? c / p.qgroup : k / p.qgroup;
   const int64_t scol = p.transpose ? k : c;
   const int64_t sld = p.transpose ? p.K : p.N;
-  const float s = Cvt::to_float(p.scales[srow * sld + scol]);
+  const float s = Cvt::to_float(scales[srow * sld + scol]);
   return Cvt::from_float(static_cast<float>(q) * s);
 }
 
@@ -362,7 +399,9 @@ FIPS_NM_HD int popc64(uint64_t x) {
 // is written: zeros for pruned entries, rows k >= K and columns the tile lacks).
 template <typename Cvt>
 FIPS_NM_HD void decode(const Params& p, const Geom& g, const uint8_t* stage, uint8_t* bs,
-                       int tid, int64_t kb, int64_t nb) {
+                       int tid, int64_t kb, int64_t nb, int w) {
+  const int vreg = 1 + 2 * w, ireg = 2 + 2 * w;  // this factor's stage regions
+  const uint16_t* scales = factor(p, w).scales;
   const int64_t k0 = kb * BK, n0 = nb * BN;
   const int vb = value_bits(p);
   if (p.fmt == kDense) {
@@ -373,12 +412,12 @@ FIPS_NM_HD void decode(const Params& p, const Geom& g, const uint8_t* stage, uin
       uint16_t v = 0;
       if (k < p.K) {
         if (p.transpose) {
-          const int at = span_at(p, g, 1, cl, kb, nb, 0) + kl * vb / 8;
-          v = value_bits_at<Cvt>(p, stage, at, 0, k, c);
+          const int at = span_at(p, g, vreg, cl, kb, nb, 0) + kl * vb / 8;
+          v = value_bits_at<Cvt>(p, scales, stage, at, 0, k, c);
         } else {
           const int row = vb == 4 ? kl / 2 : kl;
-          const int at = span_at(p, g, 1, row, kb, nb, 0) + cl * row_bytes_per_col(p);
-          v = value_bits_at<Cvt>(p, stage, at, kl & 1, k, c);
+          const int at = span_at(p, g, vreg, row, kb, nb, 0) + cl * row_bytes_per_col(p);
+          v = value_bits_at<Cvt>(p, scales, stage, at, kl & 1, k, c);
         }
       }
       bs_store(bs, cl, kl, v);
@@ -400,12 +439,12 @@ FIPS_NM_HD void decode(const Params& p, const Geom& g, const uint8_t* stage, uin
         const int jl = gl * p.n + t;
         const int64_t j = j0 + jl;
         const int wrow = static_cast<int>((j >> shift) - w0);
-        const int32_t word = load_i32(stage, span_at(p, g, 2, wrow, kb, nb, 0) + cl * 4);
+        const int32_t word = load_i32(stage, span_at(p, g, ireg, wrow, kb, nb, 0) + cl * 4);
         const int pos = nm::entry_of_word(word, static_cast<int>(j & ((1 << shift) - 1)), bits);
         const int row = vb == 4 ? jl / 2 : jl;
-        const int at = span_at(p, g, 1, row, kb, nb, 0) + cl * row_bytes_per_col(p);
+        const int at = span_at(p, g, vreg, row, kb, nb, 0) + cl * row_bytes_per_col(p);
         const int kl = gl * p.m + pos;
-        if (k0 + kl < p.K) bs_store(bs, cl, kl, value_bits_at<Cvt>(p, stage, at, jl & 1, k0 + kl, c));
+        if (k0 + kl < p.K) bs_store(bs, cl, kl, value_bits_at<Cvt>(p, scales, stage, at, jl & 1, k0 + kl, c));
       }
     }
   } else {
@@ -414,10 +453,10 @@ FIPS_NM_HD void decode(const Params& p, const Geom& g, const uint8_t* stage, uin
     // rows before it.
     constexpr int words = BN / 32;  // 2: the 64-bit row load below relies on it
     static_assert(BN == 64, "bitmap decode reads a tile row's mask as one 64-bit word");
-    const int mask_at = g.i_off;  // the mask span starts 16-byte aligned
+    const int mask_at = g.i_off0 + w * g.f1;  // the mask span starts 16-byte aligned
     const int64_t t = bitmap_tile(p, kb, nb);
-    const int64_t e0 = p.aux1[t];
-    const int v_at = span_at(p, g, 1, 0, kb, nb, 0);
+    const int64_t e0 = factor(p, w).aux1[t];
+    const int v_at = span_at(p, g, vreg, 0, kb, nb, 0);
     for (int item = tid; item < BK * words; item += THREADS) {
       const int r = item / words, w = item % words;
       int before = 0;
@@ -440,7 +479,7 @@ FIPS_NM_HD void decode(const Params& p, const Geom& g, const uint8_t* stage, uin
           } else {
             at = v_at + static_cast<int>((e - e0) * (vb / 8));
           }
-          v = k < p.K ? value_bits_at<Cvt>(p, stage, at, nibble, k, n0 + cl) : uint16_t{0};
+          v = k < p.K ? value_bits_at<Cvt>(p, scales, stage, at, nibble, k, n0 + cl) : uint16_t{0};
         }
         bs_store(bs, cl, r, v);
       }
@@ -501,11 +540,17 @@ FIPS_NM_HD float activate(float x, int act) {
   return x;
 }
 
+// bias + activation (gated: silu(gate + bg) * (up + bu)) and the store.
 template <typename Cvt>
-FIPS_NM_HD void store_out(const Params& p, int64_t row, int64_t col, float acc) {
+FIPS_NM_HD void store_out(const Params& p, int64_t row, int64_t col, float acc, float acc_up) {
   float v = acc;
-  if (p.bias) v += Cvt::to_float(p.bias[col]);
+  if (p.f[0].bias) v += Cvt::to_float(p.f[0].bias[col]);
   v = activate(v, p.act);
+  if (p.gated) {
+    float u = acc_up;
+    if (p.f[1].bias) u += Cvt::to_float(p.f[1].bias[col]);
+    v *= u;
+  }
   if (p.out_fp32) {
     static_cast<float*>(p.out)[row * p.N + col] = v;
   } else {
@@ -514,22 +559,27 @@ FIPS_NM_HD void store_out(const Params& p, int64_t row, int64_t col, float acc) 
 }
 
 // Accumulator element -> output (split == 1) or the split's fp32 partial.
+// The up partials follow all gate partials: ws[(gated * split + split_idx), M, N].
 template <typename Cvt>
-FIPS_NM_HD void epilogue(const Params& p, int64_t row, int64_t col, int split_idx, float acc) {
+FIPS_NM_HD void epilogue(const Params& p, int64_t row, int64_t col, int split_idx, float acc,
+                         float acc_up) {
   if (row >= p.M || col >= p.N) return;
   if (p.split > 1) {
     p.ws[(static_cast<int64_t>(split_idx) * p.M + row) * p.N + col] = acc;
+    if (p.gated) p.ws[(static_cast<int64_t>(p.split + split_idx) * p.M + row) * p.N + col] = acc_up;
   } else {
-    store_out<Cvt>(p, row, col, acc);
+    store_out<Cvt>(p, row, col, acc, acc_up);
   }
 }
 
 // Fixed-order reduction of the split partials (bitwise reproducible).
 template <typename Cvt>
 FIPS_NM_HD void reduce_one(const Params& p, int64_t idx) {
-  float acc = 0.f;
+  float acc = 0.f, acc_up = 0.f;
   for (int s = 0; s < p.split; ++s) acc += p.ws[s * p.M * p.N + idx];
-  store_out<Cvt>(p, idx / p.N, idx % p.N, acc);
+  if (p.gated)
+    for (int s = 0; s < p.split; ++s) acc_up += p.ws[(p.split + s) * p.M * p.N + idx];
+  store_out<Cvt>(p, idx / p.N, idx % p.N, acc, acc_up);
 }
 
 // K blocks [kb_begin, kb_end) of split z.

@@ -65,6 +65,16 @@ def _register_fakes() -> None:
         return A.new_empty((A.shape[0], N), dtype=out_dtype or A.dtype)
 
     torch.library.register_fake(f"{OP_NAMESPACE}::sparse_mm", sparse_mm_fake)
+    if not hasattr(ops, "sparse_mm_gated"):
+        return
+
+    def sparse_mm_gated_fake(A, values, aux0, aux1, scales, bias, up_values, up_aux0, up_aux1, up_scales,
+                             up_bias, fmt, K, N, p0, p1, qbits, qgroup, split_k, out_dtype):
+        torch._check(A.dim() == 2, lambda: f"A must be 2-D (M, K), got {A.dim()}-D")
+        torch._check(A.shape[1] == K, lambda: f"A must be (M, {K}), got {tuple(A.shape)}")
+        return A.new_empty((A.shape[0], N), dtype=out_dtype or A.dtype)
+
+    torch.library.register_fake(f"{OP_NAMESPACE}::sparse_mm_gated", sparse_mm_gated_fake)
 
 
 def load() -> bool:

@@ -1,4 +1,4 @@
-"""A small run of ``fips_kernels_cuda::sparse_mm`` for compute-sanitizer.
+"""A small run of ``fips_kernels_cuda::sparse_mm`` (and ``sparse_mm_gated``) for compute-sanitizer.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize_sparse_mm.py
 
@@ -52,6 +52,26 @@ def main() -> int:
                     bad += not ok
                     print(f"{str(dtype):15s} {fmt:6s} {opts} q{qbits} M={M} split={split}: rel err {err:.2e}"
                           f"{'' if ok else '  FAIL'}")
+    for fmt, opts in (("nm", {"n": 1, "m": 4}), ("bitmap", {})):
+        Wg, Wu = (torch.randn(K, N, device=dev) for _ in range(2))
+        if fmt == "bitmap":
+            Wg, Wu = (W * (torch.rand(K, N, device=dev) < 0.3) for W in (Wg, Wu))
+        else:
+            Wg, Wu = (W * (torch.arange(K, device=dev) % 4 == 0)[:, None] for W in (Wg, Wu))
+        g, u = (SparseFactor.pack(W.half(), fmt, **opts) for W in (Wg, Wu))
+        bg, bu = (torch.randn(N, device=dev, dtype=torch.float16) for _ in range(2))
+        for M, split in ((1, 0), (20, 3)):
+            a = torch.randn(M, K, device=dev, dtype=torch.float16)
+            ga, ua = list(g.aux_tensors) + [None], list(u.aux_tensors) + [None]
+            p0, p1 = (1, 4) if fmt == "nm" else (64, 64)
+            out = torch.ops.fips_kernels_cuda.sparse_mm_gated(
+                a, g.values, ga[0], ga[1], None, bg, u.values, ua[0], ua[1], None, bu, fmt, K, N, p0, p1, 0, 0,
+                split, None)
+            ref = (torch.nn.functional.silu(a.double() @ g.to_dense().double() + bg.double())
+                   * (a.double() @ u.to_dense().double() + bu.double()))
+            err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+            bad += err > 3e-3
+            print(f"gated {fmt:6s} M={M} split={split}: rel err {err:.2e}{'' if err <= 3e-3 else '  FAIL'}")
     U = SparseFactor.pack(torch.randn(77, 45, device=dev, dtype=torch.float16), "dense", qbits=8, qgroup=77)
     z = torch.randn(5, 45, device=dev, dtype=torch.float16)
     out = op(z, U.values, None, None, U.scales, None, "dense", 45, 77, 0, 0, 8, 77, True, "none", 0, None)

@@ -240,3 +240,86 @@ def test_opcheck(device, pattern, qbits):
             torch.randn(40, dtype=torch.float16, device=device), f.format, 70, 40, p0, p1,
             f.qbits or 0, f.qgroup or 0, False, "silu", 0, None)
     torch.library.opcheck(torch.ops.fips_kernels_cuda.sparse_mm.default, args)
+
+
+# ---------------------------------------------------------------- gated (gate and up in one K loop)
+
+def sparse_mm_gated(a, g, u, bias_g=None, bias_u=None, split_k=0, out_dtype=None):
+    ga, ua = list(g.aux_tensors) + [None, None], list(u.aux_tensors) + [None, None]
+    p0, p1 = (g.n, g.m) if g.format == "nm" else g.tile if g.format == "bitmap" else (0, 0)
+    return torch.ops.fips_kernels_cuda.sparse_mm_gated(
+        a, g.values, ga[0], ga[1], g.scales if g.quantized else None, bias_g,
+        u.values, ua[0], ua[1], u.scales if u.quantized else None, bias_u,
+        g.format, *g.shape, p0, p1, g.qbits or 0, g.qgroup or 0, split_k, out_dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("pattern, qbits", [("1:4", None), ("2:4", None), ("5:16", None), ("bitmap", None),
+                                            ("dense", None), ("1:4", 8), ("bitmap", 4)])
+def test_gated_matches_truth(device, dtype, pattern, qbits):
+    K, N = 133, 70
+    g = _factor(K, N, pattern, dtype, device, qbits=qbits)
+    u = _factor(K, N, pattern, dtype, device, qbits=qbits)
+    bg, bu = (torch.randn(N, dtype=dtype, device=device) for _ in range(2))
+    Bg, Bu = g.to_dense().double(), u.to_dense().double()
+    for M, split in ((1, 0), (7, 3), (16, 1), (33, 0), (130, 2)):
+        a = torch.randn(M, K, dtype=dtype, device=device)
+        out = sparse_mm_gated(a, g, u, bg, bu, split)
+        truth = F.silu(a.double() @ Bg + bg.double()) * (a.double() @ Bu + bu.double())
+        gate = (a.float() @ Bg.float()).to(dtype) + bg
+        up = (a.float() @ Bu.float()).to(dtype) + bu
+        base = (F.silu(gate.float()).to(dtype) * up)
+        assert_close_to_truth(out.cpu(), truth.cpu(), base.cpu(), eps=1e-5 * max(truth.abs().max().item(), 1.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gated_equals_its_two_halves(device):
+    """Same decode and fragments as the single op: silu(gate) * up from two fp32 calls, rounded once."""
+    g, u = (_factor(200, 96, "1:4", torch.float16, device) for _ in range(2))
+    a = torch.randn(5, 200, dtype=torch.float16, device=device)
+    for split in (1, 4):
+        fused = sparse_mm_gated(a, g, u, split_k=split, out_dtype=torch.float32)
+        halves = (sparse_mm(a, g, act="silu", split_k=split, out_dtype=torch.float32)
+                  * sparse_mm(a, u, split_k=split, out_dtype=torch.float32))
+        assert torch.equal(fused, halves)
+
+
+def test_gated_bad_input_is_named():
+    a = torch.randn(3, 64, dtype=torch.float16)
+    g = _nm()
+    u = _factor(64, 32, "2:4", torch.float16, "cpu")
+    with pytest.raises(RuntimeError, match=r"up values must have shape"):
+        sparse_mm_gated(a, g, u)
+    u8 = _factor(64, 32, "1:4", torch.float16, "cpu", qbits=8)
+    with pytest.raises(RuntimeError, match="up values must be stored as int8|up int8"):
+        torch.ops.fips_kernels_cuda.sparse_mm_gated(
+            a, u8.values, u8.aux["indices"], None, u8.scales, None, g.values, g.aux["indices"], None, u8.scales,
+            None, "nm", 64, 32, 1, 4, 8, 64, 0, None)
+    with pytest.raises(RuntimeError, match="up bias must have shape"):
+        sparse_mm_gated(a, g, g, None, torch.randn(31, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gated_opcheck(device):
+    g, u = (_factor(70, 40, "bitmap", torch.float16, device) for _ in range(2))
+    a = torch.randn(5, 70, dtype=torch.float16, device=device)
+    args = (a, g.values, *g.aux_tensors, None, None, u.values, *u.aux_tensors, None,
+            torch.randn(40, dtype=torch.float16, device=device), "bitmap", 70, 40, 64, 64, 0, 0, 0, None)
+    torch.library.opcheck(torch.ops.fips_kernels_cuda.sparse_mm_gated.default, args)
+
+
+def test_gated_wrapper_checks_and_empty_reduction():
+    from fips_kernels.cuda import sparse_mm_gated as wrapper
+
+    a = torch.randn(3, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="gate and up must share format, shape, pattern"):
+        wrapper(a, _nm(), _factor(64, 32, "2:4", torch.float16, "cpu"))
+    empty = SparseFactor.pack(torch.zeros(0, 8, dtype=torch.float16), "nm", n=1, m=4)
+    bg, bu = torch.randn(8, dtype=torch.float16), torch.randn(8, dtype=torch.float16)
+    out = wrapper(torch.randn(2, 0, dtype=torch.float16), empty, empty, bg, bu)
+    want = (F.silu(bg.float()) * bu.float()).to(torch.float16).expand(2, 8)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    f, u = _nm(), _factor(64, 32, "1:4", torch.float16, "cpu")
+    got = wrapper(a, f, u)
+    torch.testing.assert_close(got, sparse_mm_gated(a, f, u), rtol=0, atol=0)

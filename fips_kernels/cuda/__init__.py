@@ -7,6 +7,6 @@ Importing this package never touches the extension, so it works (and
 asks :func:`fips_kernels.dispatch.CudaBackend` whether the kernels can run.
 """
 from .sparse24 import clear_packs, pack_for_cuda, packed_bytes
-from .spmm import op_available, sparse_mm
+from .spmm import op_available, sparse_mm, sparse_mm_gated
 
-__all__ = ["pack_for_cuda", "clear_packs", "packed_bytes", "op_available", "sparse_mm"]
+__all__ = ["pack_for_cuda", "clear_packs", "packed_bytes", "op_available", "sparse_mm", "sparse_mm_gated"]

@@ -17,7 +17,7 @@ from .. import _extension
 from ..formats import SparseFactor
 from ..reference import ACTIVATIONS, activate
 
-__all__ = ["sparse_mm", "op_available", "unavailable_reason", "KERNEL_DTYPES", "FORMATS", "BITMAP_TILE"]
+__all__ = ["sparse_mm", "sparse_mm_gated", "op_available", "unavailable_reason", "KERNEL_DTYPES", "FORMATS", "BITMAP_TILE"]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 FORMATS = ("dense", "nm", "bitmap")
@@ -27,8 +27,9 @@ _ALIGN = 16  # cp.async copies 16-byte chunks: every array base must be 16-byte 
 
 @functools.lru_cache(maxsize=None)
 def _has_op() -> bool:
-    # an extension built from an older csrc/ loads but lacks the op
-    return hasattr(torch.ops.fips_kernels_cuda, "sparse_mm")
+    # an extension built from an older csrc/ loads but lacks the ops
+    ops = torch.ops.fips_kernels_cuda
+    return hasattr(ops, "sparse_mm") and hasattr(ops, "sparse_mm_gated")
 
 
 def op_available() -> bool:
@@ -41,7 +42,7 @@ def unavailable_reason() -> Optional[str]:
     if not _extension.available():
         return f"the CUDA extension is not available: {_extension.error()}"
     if not _has_op():
-        return ("the CUDA extension has no sparse_mm op (built from an older csrc/; "
+        return ("the CUDA extension has no sparse_mm / sparse_mm_gated op (built from an older csrc/; "
                 "reinstall with `pip install --no-build-isolation -e .`)")
     return None
 
@@ -145,3 +146,45 @@ def sparse_mm(a: torch.Tensor, factor: SparseFactor, bias: Optional[torch.Tensor
         _aligned(a), _aligned(factor.values), aux[0], aux[1], _aligned(factor.scales), _aligned(bias),
         factor.format, K, N, p0, p1, factor.qbits or 0, factor.qgroup or 0, transpose, activation, split_k,
         out_dtype)
+
+
+def _raw(factor: SparseFactor, bias: Optional[torch.Tensor]):
+    """The op's per-factor arguments: values, aux0, aux1, scales, bias (aligned)."""
+    aux = [_aligned(t) for t in factor.aux_tensors] + [None, None]
+    return (_aligned(factor.values), aux[0], aux[1], _aligned(factor.scales), _aligned(bias))
+
+
+def sparse_mm_gated(a: torch.Tensor, gate: SparseFactor, up: SparseFactor,
+                    bias_gate: Optional[torch.Tensor] = None, bias_up: Optional[torch.Tensor] = None, *,
+                    split_k: int = 0, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``silu(a·B_gate + b_gate) * (a·B_up + b_up)``, shape ``(M, N)``: one
+    kernel decodes both factors in the same K loop and reads ``a`` once;
+    the product is formed in fp32 and rounded once.
+
+    Args:
+        a: ``(M, K)`` float16 or bfloat16.
+        gate, up: ``(K, N)`` factors with the same format, shape, pattern and
+            quantisation (as :func:`sparse_mm` takes them; no transposed form).
+        bias_gate, bias_up: ``(N,)`` or None each.
+    """
+    where = "fips_kernels.cuda.sparse_mm_gated"
+    _check(a, gate, bias_gate, "silu", False, split_k, out_dtype)
+    _check(a, up, bias_up, "none", False, split_k, out_dtype)
+    if (up.format, up.shape, up.meta, up.quantized) != (gate.format, gate.shape, gate.meta, gate.quantized):
+        raise ValueError(f"{where}: gate and up must share format, shape, pattern and quantisation, got "
+                         f"{gate.format} {gate.shape} {gate.meta} and {up.format} {up.shape} {up.meta}")
+    K, N = gate.shape
+    dtype = out_dtype or a.dtype
+    if a.shape[0] == 0 or N == 0 or K == 0:
+        g = _degenerate(a, N, bias_gate, "silu", torch.float32)
+        u = _degenerate(a, N, bias_up, "none", torch.float32)
+        return (g * u).to(dtype)
+    if gate.format == "nm":
+        p0, p1 = gate.n, gate.m
+    elif gate.format == "bitmap":
+        p0, p1 = gate.tile
+    else:
+        p0, p1 = 0, 0
+    return torch.ops.fips_kernels_cuda.sparse_mm_gated(
+        _aligned(a), *_raw(gate, bias_gate), *_raw(up, bias_up), gate.format, K, N, p0, p1,
+        gate.qbits or 0, gate.qgroup or 0, split_k, out_dtype)

@@ -19,7 +19,7 @@
 
 ``FIPS_KERNELS_STRATEGY=factored|reconstruct|sparse24`` forces one (forcing
 ``sparse24`` where it cannot run raises with its reasons). Gate/up always runs
-factored: ``z = x·U`` once, gate (SiLU fused in its epilogue) and up in fp32.
+factored: ``z = x·U`` once, then gate and up in one fused kernel.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from ..reference import activate
 from ..triton.tuning import STRATEGY_ENV, forced_strategy, reconstruct_min_m
 from ..workspaces import clear_workspaces, workspace, workspace_bytes
 from . import sparse24
-from .spmm import sparse_mm
+from .spmm import sparse_mm, sparse_mm_gated
 
 __all__ = ["expand", "contract", "gate_up", "reconstruct", "choose_strategy", "STRATEGIES", "clear_workspaces",
            "workspace_bytes"]
@@ -124,12 +124,10 @@ def contract(x2: torch.Tensor, U: Base, factor: SparseFactor, bias: Optional[tor
 
 def gate_up(x2: torch.Tensor, U: Base, gate: SparseFactor, up: SparseFactor,
             bias_gate: Optional[torch.Tensor], bias_up: Optional[torch.Tensor]) -> torch.Tensor:
-    """``silu(z·B_g + b_g) * (z·B_u + b_u)`` with ``z = x·U`` once; both products
-    leave the kernel in fp32 so the product is rounded once."""
-    z = _x_times_base(x2, U)
-    g = sparse_mm(z, gate, bias_gate, "silu", out_dtype=torch.float32)
-    u = sparse_mm(z, up, bias_up, out_dtype=torch.float32)
-    return g.mul_(u).to(x2.dtype)
+    """``silu(z·B_g + b_g) * (z·B_u + b_u)`` with ``z = x·U`` once, then one
+    :func:`sparse_mm_gated` launch (both factors decoded in one K loop, the
+    product formed in fp32 and rounded once)."""
+    return sparse_mm_gated(_x_times_base(x2, U), gate, up, bias_gate, bias_up)
 
 
 def reconstruct(U: Base, factor: SparseFactor, kind: str) -> torch.Tensor:
