@@ -113,6 +113,19 @@ def _degenerate(a, N, bias, activation, dtype) -> torch.Tensor:
     return activate(out, activation).to(dtype)
 
 
+def _pattern(factor: SparseFactor):
+    """The op's ``(p0, p1)``: ``(n, m)`` for nm, the tile for bitmap, ``(0, 0)`` for dense."""
+    if factor.format == "nm":
+        return factor.n, factor.m
+    return tuple(factor.tile) if factor.format == "bitmap" else (0, 0)
+
+
+def _raw(factor: SparseFactor, bias: Optional[torch.Tensor]):
+    """The op's per-factor arguments: values, aux0, aux1, scales, bias (aligned)."""
+    aux = [_aligned(t) for t in factor.aux_tensors] + [None, None]
+    return (_aligned(factor.values), aux[0], aux[1], _aligned(factor.scales), _aligned(bias))
+
+
 def sparse_mm(a: torch.Tensor, factor: SparseFactor, bias: Optional[torch.Tensor] = None,
               activation: Optional[str] = None, *, transpose: bool = False, split_k: int = 0,
               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -135,23 +148,9 @@ def sparse_mm(a: torch.Tensor, factor: SparseFactor, bias: Optional[torch.Tensor
     dtype = out_dtype or a.dtype
     if a.shape[0] == 0 or N == 0 or K == 0:
         return _degenerate(a, N, bias, activation, dtype)
-    aux = [_aligned(t) for t in factor.aux_tensors] + [None, None]
-    if factor.format == "nm":
-        p0, p1 = factor.n, factor.m
-    elif factor.format == "bitmap":
-        p0, p1 = factor.tile
-    else:
-        p0, p1 = 0, 0
     return torch.ops.fips_kernels_cuda.sparse_mm(
-        _aligned(a), _aligned(factor.values), aux[0], aux[1], _aligned(factor.scales), _aligned(bias),
-        factor.format, K, N, p0, p1, factor.qbits or 0, factor.qgroup or 0, transpose, activation, split_k,
-        out_dtype)
-
-
-def _raw(factor: SparseFactor, bias: Optional[torch.Tensor]):
-    """The op's per-factor arguments: values, aux0, aux1, scales, bias (aligned)."""
-    aux = [_aligned(t) for t in factor.aux_tensors] + [None, None]
-    return (_aligned(factor.values), aux[0], aux[1], _aligned(factor.scales), _aligned(bias))
+        _aligned(a), *_raw(factor, bias), factor.format, K, N, *_pattern(factor), factor.qbits or 0,
+        factor.qgroup or 0, transpose, activation, split_k, out_dtype)
 
 
 def sparse_mm_gated(a: torch.Tensor, gate: SparseFactor, up: SparseFactor,
@@ -179,12 +178,6 @@ def sparse_mm_gated(a: torch.Tensor, gate: SparseFactor, up: SparseFactor,
         g = _degenerate(a, N, bias_gate, "silu", torch.float32)
         u = _degenerate(a, N, bias_up, "none", torch.float32)
         return (g * u).to(dtype)
-    if gate.format == "nm":
-        p0, p1 = gate.n, gate.m
-    elif gate.format == "bitmap":
-        p0, p1 = gate.tile
-    else:
-        p0, p1 = 0, 0
     return torch.ops.fips_kernels_cuda.sparse_mm_gated(
-        _aligned(a), *_raw(gate, bias_gate), *_raw(up, bias_up), gate.format, K, N, p0, p1,
+        _aligned(a), *_raw(gate, bias_gate), *_raw(up, bias_up), gate.format, K, N, *_pattern(gate),
         gate.qbits or 0, gate.qgroup or 0, split_k, out_dtype)
