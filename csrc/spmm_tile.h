@@ -395,8 +395,9 @@ FIPS_NM_HD int popc64(uint64_t x) {
 #endif
 }
 
-// Thread tid's share of decoding the stage of K block kb into Bs (all of Bs
-// is written: zeros for pruned entries, rows k >= K and columns the tile lacks).
+// Thread tid's share of decoding factor w (0, or 1 = up of the gated form) of
+// the stage of K block kb into its tile bs (all of it is written: zeros for
+// pruned entries, rows k >= K and columns the tile lacks).
 template <typename Cvt>
 FIPS_NM_HD void decode(const Params& p, const Geom& g, const uint8_t* stage, uint8_t* bs,
                        int tid, int64_t kb, int64_t nb, int w) {
@@ -458,16 +459,16 @@ FIPS_NM_HD void decode(const Params& p, const Geom& g, const uint8_t* stage, uin
     const int64_t e0 = factor(p, w).aux1[t];
     const int v_at = span_at(p, g, vreg, 0, kb, nb, 0);
     for (int item = tid; item < BK * words; item += THREADS) {
-      const int r = item / words, w = item % words;
+      const int r = item / words, wd = item % words;  // row, mask word
       int before = 0;
       // a row's two mask words are one aligned 64-bit load
       for (int rr = 0; rr < r; ++rr) before += popc64(ld<uint64_t>(stage + mask_at + rr * 8));
-      for (int ww = 0; ww < w; ++ww)
+      for (int ww = 0; ww < wd; ++ww)
         before += popc32(static_cast<uint32_t>(load_i32(stage, mask_at + (r * words + ww) * 4)));
-      const uint32_t word = static_cast<uint32_t>(load_i32(stage, mask_at + (r * words + w) * 4));
+      const uint32_t word = static_cast<uint32_t>(load_i32(stage, mask_at + (r * words + wd) * 4));
       const int64_t k = k0 + r;
       for (int b = 0; b < 32; ++b) {
-        const int cl = w * 32 + b;
+        const int cl = wd * 32 + b;
         uint16_t v = 0;
         if ((word >> b) & 1u) {
           const int64_t e = e0 + before + popc32(word & ((1u << b) - 1u));  // b < 32
