@@ -10,9 +10,11 @@
   backend, :func:`fips_kernels.triton.tuning.reconstruct_min_m` with
   ``backend="cuda"``): ``W = U·B`` by :func:`sparse_mm` with ``A = U``, then
   one dense GEMM. A contract weight is ``U·Bᵀ``: :func:`sparse_mm` transposed
-  for a dense factor; the kernel has no transposed sparse operand, so for nm
-  and bitmap factors ``B`` is decoded by PyTorch and ``U·Bᵀ`` is one cuBLAS
-  GEMM into a reused workspace (:mod:`fips_kernels.workspaces`).
+  for a dense factor; ``fips_kernels_cuda::reconstruct_nm`` for a float nm
+  factor (either layout, no dense ``B``); :func:`sparse_mm` has no transposed
+  sparse operand, so for bitmap and quantised nm factors ``B`` is decoded by
+  PyTorch and ``U·Bᵀ`` is one cuBLAS GEMM into a reused workspace
+  (:mod:`fips_kernels.workspaces`).
 * **sparse24** (large M, 2:4 float factors, fp16/bf16, sm80+): torch's
   semi-structured sparse tensor cores (:mod:`.sparse24`); where it cannot run
   (its :func:`~.sparse24.reasons`) large M takes reconstruct.
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import SparseFactor
+from ..ops import base_matrix
 from ..reference import activate
 from ..triton.tuning import STRATEGY_ENV, forced_strategy, reconstruct_min_m
 from ..workspaces import clear_workspaces, workspace, workspace_bytes
@@ -63,10 +66,6 @@ def choose_strategy(M: int, kind: str, factor: SparseFactor, d: int, dtype: torc
     return ("reconstruct" if sparse24.reasons(factor, kind, dtype, device) else "sparse24"), False
 
 
-def _float_base(U: Base) -> torch.Tensor:
-    return U.to_dense() if isinstance(U, SparseFactor) else U
-
-
 def _x_times_base(x2: torch.Tensor, U: Base) -> torch.Tensor:
     """``z = x·U`` (cuBLAS for a float base; the int8 base dequantised in registers)."""
     return sparse_mm(x2, U) if isinstance(U, SparseFactor) else torch.mm(x2, U)
@@ -79,15 +78,30 @@ def _z_times_base_t(z: torch.Tensor, U: Base, bias: Optional[torch.Tensor]) -> t
 
 def _expand_weight(U: Base, factor: SparseFactor) -> torch.Tensor:
     """``U·B`` ``(d × h)``: the expand layer's weight, transposed."""
-    return sparse_mm(_float_base(U), factor)
+    return sparse_mm(base_matrix(U), factor)
+
+
+def _nm_weight(U: Base, factor: SparseFactor, kind: str) -> torch.Tensor:
+    """The torch-layout weight of a float nm layer, written directly by
+    ``fips_kernels_cuda::reconstruct_nm`` (either orientation, no dense ``B``)."""
+    K, N = factor.shape
+    return torch.ops.fips_kernels_cuda.reconstruct_nm(base_matrix(U).contiguous(), factor.values,
+                                                      factor.aux["indices"], K, N, factor.n, factor.m,
+                                                      kind == "contract")
+
+
+def _float_nm(factor: SparseFactor) -> bool:
+    return factor.format == "nm" and not factor.quantized
 
 
 def _contract_weight(U: Base, factor: SparseFactor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``U·Bᵀ`` ``(d × h)``: the contract layer's weight."""
-    Uf = _float_base(U)
+    Uf = base_matrix(U)
     if factor.format == "dense":
         return sparse_mm(Uf, factor, transpose=True)
-    B = factor.to_dense()  # no transposed sparse operand in the kernel: decode, then one cuBLAS GEMM
+    if _float_nm(factor):
+        return _nm_weight(U, factor, "contract")
+    B = factor.to_dense()  # no transposed sparse operand in sparse_mm: decode, then one cuBLAS GEMM
     return torch.mm(Uf, B.t(), out=out)
 
 
@@ -117,7 +131,8 @@ def contract(x2: torch.Tensor, U: Base, factor: SparseFactor, bias: Optional[tor
             return sparse24.contract(x2, packed, bias)
         chosen = "reconstruct"
     if chosen == "reconstruct":
-        ws = None if factor.format == "dense" else workspace((d, factor.shape[0]), x2.dtype, x2.device)
+        decoded = factor.format != "dense" and not _float_nm(factor)  # through a dense B and cuBLAS
+        ws = workspace((d, factor.shape[0]), x2.dtype, x2.device) if decoded else None
         return F.linear(x2, _contract_weight(U, factor, ws), bias)
     return _z_times_base_t(sparse_mm(x2, factor), U, bias)
 
@@ -132,12 +147,8 @@ def gate_up(x2: torch.Tensor, U: Base, gate: SparseFactor, up: SparseFactor,
 
 def reconstruct(U: Base, factor: SparseFactor, kind: str) -> torch.Tensor:
     """The torch-layout weight (``out × in``), contiguous."""
-    if factor.format == "nm" and not factor.quantized:
-        # one kernel writes either layout directly (fips_kernels_cuda::reconstruct_nm)
-        K, N = factor.shape
-        return torch.ops.fips_kernels_cuda.reconstruct_nm(_float_base(U).contiguous(), factor.values,
-                                                          factor.aux["indices"], K, N, factor.n, factor.m,
-                                                          kind == "contract")
+    if _float_nm(factor):
+        return _nm_weight(U, factor, kind)
     if kind == "expand":
         return _expand_weight(U, factor).t().contiguous()
     return _contract_weight(U, factor)

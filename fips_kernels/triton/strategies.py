@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import SparseFactor
+from ..ops import base_matrix
 from ..reference import activate
 from ..workspaces import clear_workspaces, workspace, workspace_bytes
 from .sparse_matmul import sparse_matmul
@@ -61,10 +62,6 @@ def choose_strategy(M: int, kind: str, factor: SparseFactor, d: int, device: tor
     return "reconstruct" if M >= reconstruct_min_m(device, kind, factor, d) else small
 
 
-def _float_base(U: Base) -> torch.Tensor:
-    return U.to_dense() if isinstance(U, SparseFactor) else U
-
-
 def _x_times_base(x2: torch.Tensor, U: Base) -> torch.Tensor:
     """``z = x·U`` (cuBLAS for a float base; in-register dequantisation for int8)."""
     return sparse_matmul(x2, U) if isinstance(U, SparseFactor) else torch.mm(x2, U)
@@ -77,7 +74,7 @@ def _z_times_base_t(z: torch.Tensor, U: Base, bias: Optional[torch.Tensor]) -> t
 
 def _dense_weight_dn(U: Base, factor: SparseFactor, kind: str, out: Optional[torch.Tensor] = None):
     """``U·V`` as ``(d × h)``: expand ``U·B``; contract ``U·Bᵀ``."""
-    U = _float_base(U)
+    U = base_matrix(U)
     if factor.format == "ell":
         if kind == "expand":
             return tile_reconstruct_weight(U, factor, kind, out=out)
@@ -99,7 +96,7 @@ def expand(x2: torch.Tensor, U: Base, factor: SparseFactor, bias: Optional[torch
         W = _dense_weight_dn(U, factor, "expand", workspace((d, factor.shape[1]), x2.dtype, x2.device))
         return activate(F.linear(x2, W.t(), bias), act)
     if strategy == "tile_reconstruct":
-        return tile_reconstruct_linear(x2, _float_base(U), factor, "expand", bias, act)
+        return tile_reconstruct_linear(x2, base_matrix(U), factor, "expand", bias, act)
     z = _x_times_base(x2, U)
     return sparse_matmul(z, factor, bias, act)
 
@@ -113,7 +110,7 @@ def contract(x2: torch.Tensor, U: Base, factor: SparseFactor, bias: Optional[tor
         W = _dense_weight_dn(U, factor, "contract", workspace((d, factor.shape[0]), x2.dtype, x2.device))
         return F.linear(x2, W, bias)
     if strategy == "tile_reconstruct":
-        return tile_reconstruct_linear(x2, _float_base(U), factor, "contract", bias)
+        return tile_reconstruct_linear(x2, base_matrix(U), factor, "contract", bias)
     z = sparse_matmul(x2, factor)
     return _z_times_base_t(z, U, bias)
 
@@ -128,7 +125,7 @@ def gate_up(x2: torch.Tensor, U: Base, gate: SparseFactor, up: SparseFactor,
 
 def reconstruct(U: Base, factor: SparseFactor, kind: str) -> torch.Tensor:
     """The torch-layout weight, written once (no dense copy of ``B`` on the way)."""
-    U = _float_base(U)
+    U = base_matrix(U)
     d = U.shape[0]
     if kind == "expand":
         W = torch.empty(factor.shape[1], d, dtype=U.dtype, device=U.device)  # (h, d) = (U·B)ᵀ
