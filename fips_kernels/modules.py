@@ -235,7 +235,7 @@ class FiPSLinear(nn.Module):
                      if t is not None)
 
     def _large_m(self, x: torch.Tensor) -> bool:
-        from .triton.tuning import reconstruct_min_m
+        from .tuning import reconstruct_min_m
 
         M = x.numel() // max(x.shape[-1], 1)
         return M >= reconstruct_min_m(x.device, self.kind, self.factor, self._base.d)

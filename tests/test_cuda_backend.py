@@ -171,7 +171,7 @@ def test_automatic_dispatch_falls_back(monkeypatch, dtype):
 # ---------------------------------------------------------------- strategy choice
 
 def test_strategy_by_m_and_the_environment(monkeypatch):
-    from fips_kernels.triton import tuning
+    from fips_kernels import tuning
 
     factor, U, _ = _case("expand", "nm", {"n": 2, "m": 4}, None, None, torch.float16, h=128)
     cpu = torch.device("cpu")
@@ -186,7 +186,7 @@ def test_strategy_by_m_and_the_environment(monkeypatch):
 
 
 def test_the_cuda_backend_can_have_its_own_crossovers(monkeypatch):
-    from fips_kernels.triton import tuning
+    from fips_kernels import tuning
 
     table = {"default": {"reconstruct_min_m": 1024, "by_format": {"nm": {"contract": 512}},
                          "by_backend": {"cuda": {"reconstruct_min_m": 256, "by_format": {"bitmap": {"expand": 64}}}}}}

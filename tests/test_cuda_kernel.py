@@ -137,7 +137,9 @@ def test_empty_dimensions(device):
     empty = SparseFactor.pack(torch.zeros(0, 40, dtype=torch.float16, device=device), "nm", n=1, m=4)
     bias = torch.randn(40, dtype=torch.float16, device=device)
     out = sparse_mm(torch.randn(3, 0, dtype=torch.float16, device=device), empty, bias, "gelu")
-    torch.testing.assert_close(out, F.gelu(bias.float()).to(torch.float16).expand(3, 40), rtol=0, atol=0)
+    # GELU is a transcendental: libm builds and vector paths differ in the last bits, so the
+    # comparison uses fp16's own tolerance, not bit equality (a wrong epilogue is off by far more).
+    torch.testing.assert_close(out, F.gelu(bias.float()).to(torch.float16).expand(3, 40))
 
 
 def test_misaligned_views_are_realigned():

@@ -273,7 +273,7 @@ def test_fine_tuning_updates_factor_values_and_base():
 
 
 def test_weight_cache_for_large_m_trades_memory_for_the_rebuild(monkeypatch):
-    from fips_kernels.triton import tuning
+    from fips_kernels import tuning
 
     g = fk.factorize_group(_mlp_group(d=16, h=48), pattern="1:4")
     held = g.cache_weights(True)

@@ -7,7 +7,7 @@
   :func:`sparse_mm`, then ``y = z·Uᵀ + b`` (cuBLAS, or :func:`sparse_mm`
   transposed for the int8 base).
 * **reconstruct** (large M, from the same measured crossover as the Triton
-  backend, :func:`fips_kernels.triton.tuning.reconstruct_min_m` with
+  backend, :func:`fips_kernels.tuning.reconstruct_min_m` with
   ``backend="cuda"``): ``W = U·B`` by :func:`sparse_mm` with ``A = U``, then
   one dense GEMM. A contract weight is ``U·Bᵀ``: :func:`sparse_mm` transposed
   for a dense factor; ``fips_kernels_cuda::reconstruct_nm`` for a float nm
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..formats import SparseFactor
 from ..ops import base_matrix
 from ..reference import activate
-from ..triton.tuning import STRATEGY_ENV, forced_strategy, reconstruct_min_m
+from ..tuning import STRATEGY_ENV, forced_strategy, reconstruct_min_m
 from ..workspaces import clear_workspaces, workspace, workspace_bytes
 from . import sparse24
 from .spmm import sparse_mm, sparse_mm_gated

@@ -12,7 +12,7 @@
   call by the same Triton kernels into a reusable workspace (no allocation
   after the first call for a shape), then one dense GEMM.
 
-The crossover between the two comes from :mod:`fips_kernels.triton.tuning`.
+The crossover between the two comes from :mod:`fips_kernels.tuning`.
 
 Quantised factors (int8/int4 values with scales) and an int8 base are
 dequantised in registers inside the same kernels (the base is then the
@@ -33,7 +33,7 @@ from ..reference import activate
 from ..workspaces import clear_workspaces, workspace, workspace_bytes
 from .sparse_matmul import sparse_matmul
 from .tile_reconstruct import tile_reconstruct_linear, tile_reconstruct_weight
-from .tuning import STRATEGY_ENV, forced_strategy, reconstruct_min_m
+from ..tuning import STRATEGY_ENV, forced_strategy, reconstruct_min_m
 
 __all__ = ["expand", "contract", "gate_up", "reconstruct", "choose_strategy", "STRATEGIES", "clear_workspaces",
            "workspace_bytes"]
