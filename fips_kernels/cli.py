@@ -217,6 +217,7 @@ def _info(args: argparse.Namespace) -> int:
 
     import fips_kernels
     from . import _extension, dispatch
+    from .formats import Layout
     from .bench.env import driver_version, triton_version
     from .bench.layer import DTYPE_NAMES, DTYPES
     from .bench.shapes import PATTERNS, PRESETS, Pattern, preset_rank
@@ -277,8 +278,8 @@ def _info(args: argparse.Namespace) -> int:
     )
     for fmt, pattern, params in samples:
         r = preset_rank(preset, pattern)
-        problem = dispatch.Problem("expand", fmt, dtype, device, args.m, r, preset.h, preset.d, r,
-                                   meta=(r, preset.h, *params))
+        layout = Layout.from_meta(fmt, (r, preset.h, *params))
+        problem = dispatch.Problem.for_layer("expand", "expand", layout, dtype, device, args.m, preset.d)
         label = pattern.name if fmt != "nm" else f"{pattern.name} (n:m)"
         print(f"\n[{fmt}] {label}, r={r}: factor K={r} x N={preset.h}")
         print(dispatch.explain(problem))

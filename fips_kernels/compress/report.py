@@ -65,6 +65,7 @@ class CompressionReport:
     calibration: Dict[str, int] = field(default_factory=dict)
     model_parameters: Dict[str, int] = field(default_factory=dict)
     seconds: Dict[str, float] = field(default_factory=dict)
+    fusion: Dict[str, object] = field(default_factory=dict)  # modules.fusion_report of the compressed model
 
     # ---- totals ------------------------------------------------------------
     @property
@@ -95,7 +96,7 @@ class CompressionReport:
                            "bytes_ratio": self.bytes / self.dense_bytes if self.dense_bytes else None},
                 "groups": [g.to_dict() for g in self.groups], "end_to_end": self.end_to_end,
                 "calibration": self.calibration, "model_parameters": self.model_parameters,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "fusion": self.fusion}
 
     def to_json(self, path: Optional[os.PathLike] = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
@@ -141,6 +142,13 @@ class CompressionReport:
                     f"mean {a['cosine_mean']:.4f}, min {a['cosine_min']:.4f} over {a['positions']} positions")
             if a.get("top1_agreement") is not None:
                 text += f"; top-1 agreement {a['top1_agreement']:.4f}"
+            lines.append(text)
+        f = self.fusion
+        if f:
+            text = (f"fused: {f.get('activation_epilogues', 0)} activation epilogues (GELU/SiLU in the expand "
+                    f"kernel), {f.get('gate_up', 0)} gate/up pairs on one op")
+            for mlp, why in (f.get("not_fused") or {}).items():
+                text += f"; {mlp} not fused: {why}"
             lines.append(text)
         if self.seconds:
             lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
