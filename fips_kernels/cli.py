@@ -281,8 +281,21 @@ def _info(args: argparse.Namespace) -> int:
                                    meta=(r, preset.h, *params))
         label = pattern.name if fmt != "nm" else f"{pattern.name} (n:m)"
         print(f"\n[{fmt}] {label}, r={r}: factor K={r} x N={preset.h}")
-        print(dispatch.explain(problem))
+        print(_what_a_call_does(problem))
     return 0
+
+
+def _what_a_call_does(problem) -> str:
+    """Which backend a call would run, as a call decides it: with a forced backend, that one or the error
+    the call raises (explain alone ranks the backends as if none were forced)."""
+    from . import dispatch
+
+    try:
+        forced = dispatch.forced_backend()
+        chosen = dispatch.select(problem).name
+    except dispatch.BackendUnavailable as exc:
+        return "error: a call raises BackendUnavailable: " + str(exc).replace("\n", "\n" + " " * 7)
+    return dispatch.explain(problem) if forced is None else f"{chosen:10s} runs (forced)"
 
 
 def _add_info(sub) -> None:
@@ -328,7 +341,10 @@ def _add_compress(sub) -> None:
 # ---------------------------------------------------------------- entry point
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog=PROG, description="fips_kernels: compressed FiPS linear layers.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_bench(sub)
     _add_bench_e2e(sub)
