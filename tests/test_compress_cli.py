@@ -253,6 +253,7 @@ def test_bad_outputs_are_refused_before_the_model_is_loaded(argv, words, tmp_pat
     (["--input-size", "32"], "--input-size is for timm image models; all-MiniLM-L6-v2 is a Hugging Face model"),
     (["--no-pretrained"], "--no-pretrained is for timm image models"),
     (["--device", "tpu"], "--device 'tpu' is not a device; use cpu or cuda"),
+    (["--blocks", "(", "--linears", "mlp.fc1:expand"], "preset 'custom': blocks='(' is not a regular expression"),
 ])
 def test_bad_arguments_say_what_is_allowed(argv, words, tmp_path, no_model_loading, capsys):
     assert cli.main(["compress", "--out", str(tmp_path / "m.safetensors"), *argv]) == 2
@@ -290,7 +291,7 @@ def test_a_run_says_what_it_did(bert_dir, tmp_path):
     proc = _cli_subprocess(str(bert_dir), "--data", str(data), "--out", str(out), "--steps", "3", "--group-size",
                            "100", "--prune-every", "50", "--no-progress", "--threads", "1")
     assert proc.returncode == 0, proc.stderr
-    assert "groups of 4 (100 asked; a group ends with its stage)" in proc.stdout
+    assert "groups of 4 (group size 100; a group ends with its stage)" in proc.stdout
     assert "Loading weights" not in proc.stderr and "it/s]" not in proc.stderr  # transformers' bar
     assert ("warning: --prune-every 50 with --steps 3: the masks change only at step 0 and when pruning ends "
             "(step 2), so the sparsity jumps from dense to final in one step; --prune-every 1 prunes gradually"

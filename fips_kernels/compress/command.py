@@ -190,7 +190,7 @@ def _load_timm(name: str, checkpoint: Optional[str], pretrained: bool, input_siz
     if checkpoint is not None:
         if not os.path.isfile(checkpoint):
             raise CommandError(f"--checkpoint {checkpoint}: no such file")
-        what, build = f"--checkpoint {checkpoint} does not fit timm model {name!r}{at_size}", \
+        what, build = f"--checkpoint {checkpoint} could not be loaded into timm model {name!r}{at_size}", \
             dict(pretrained=False, checkpoint_path=checkpoint)
     elif pretrained:
         what, build = f"timm model {name!r}: could not get pretrained weights{at_size}", dict(pretrained=True)

@@ -175,7 +175,7 @@ class CompressionReport:
         if not sizes:
             return str(asked)
         text = " and ".join(map(str, sizes))
-        return text if asked in sizes else f"{text} ({asked} asked; a group ends with its stage)"
+        return text if asked in sizes else f"{text} (group size {asked}; a group ends with its stage)"
 
 
 def _mb(n: int) -> str:
