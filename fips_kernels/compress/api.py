@@ -211,6 +211,7 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
         train_batches, held = batches, calibration.as_batches(eval_data, batch_size)
     else:
         train_batches, held = calibration.split_holdout(batches, holdout)
+    distributed.check_same_inputs(model, [*train_batches, *held])  # every rank: the same model and data
     forward = forward or calibration.model_forward
     first = model.get_submodule(groups[0].linears[0])
     dtype, device = first.weight.dtype, first.weight.device
@@ -389,5 +390,6 @@ def _group_report(spec: GroupSpec, res: GroupResult, fgroup, fmt: str, dtype, re
         dense_bytes=spec.dense_parameters * itemsize, bytes=fgroup.nbytes() - bias_bytes,
         errors_init=[dict(e, unit=u.name) for e, u in zip(res.errors_init, spec.units)],
         errors_final=[dict(e, unit=u.name) for e, u in zip(res.errors_final, spec.units)],
-        loss_first=res.losses[0][1] if res.losses else None, loss_last=res.losses[-1][1] if res.losses else None,
+        train_loss_first_step=res.losses[0][1] if res.losses else None,
+        train_loss_last_step=res.losses[-1][1] if res.losses else None,
         seconds=res.seconds, resumed=resumed, process=res.process)
