@@ -37,7 +37,7 @@ def test_info_names_versions_and_backends():
     assert "runs" in out and "Traceback" not in proc.stderr
     if not torch.cuda.is_available():
         assert "GPU: none" in out
-        assert "input is on cpu, not a CUDA device" in out  # the cuda backend says why it cannot run
+        assert "input is on cpu, not a cuda device" in out  # the cuda backend says why it cannot run
 
 
 def test_info_in_process(capsys):
@@ -106,7 +106,7 @@ def test_info_shows_what_a_forced_backend_does():
     assert cannot.returncode == 0, cannot.stderr
     assert cannot.stdout.count("error: a call raises BackendUnavailable: backend 'cuda' was forced but cannot "
                                "run expand") == 4
-    assert "input is on cpu, not a CUDA device" in cannot.stdout and "runs (forced)" not in cannot.stdout
+    assert "input is on cpu, not a cuda device" in cannot.stdout and "runs (forced)" not in cannot.stdout
     forced = _cli("info", "--device", "cpu", FIPS_KERNELS_BACKEND="reference")
     assert forced.stdout.count("reference  runs (forced)") == 4 and "error" not in forced.stdout
     assert "Traceback" not in cannot.stderr + forced.stderr
