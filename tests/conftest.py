@@ -31,6 +31,17 @@ def _seed_and_clean_env(monkeypatch):
     yield
 
 
+@pytest.fixture
+def one_thread_reference():
+    """Whole-model tests: one thread (tiny ops run far faster on a shared CPU) and the
+    reference backend (the kernels are tested elsewhere; the interpreter is slow)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with dispatch.use_backend("reference"):
+        yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
