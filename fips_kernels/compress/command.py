@@ -40,6 +40,7 @@ class Loaded:
     tokenizer: object = None
     output_fn: Optional[Callable] = None
     source: str = ""                 # how to rebuild the dense model for fips_kernels.load
+    directory: Optional[str] = None  # a Hugging Face model's directory: its tokenizer and sentence-transformers files
 
 
 def add_arguments(p) -> None:
@@ -49,7 +50,10 @@ def add_arguments(p) -> None:
     p.add_argument("--data", metavar="PATH",
                    help="calibration data: an image folder, or a text file with one sample per line "
                         "(default for text models: the built-in sentences)")
-    p.add_argument("--out", metavar="PATH", help="checkpoint to write (default: fips_<model>.safetensors)")
+    p.add_argument("--out", metavar="PATH",
+                   help="a .safetensors checkpoint, or any other path: a Hugging Face model directory (config.json, "
+                        "model.safetensors, the tokenizer and sentence-transformers files) that AutoModel / "
+                        "SentenceTransformer load after `import fips_kernels` (default: fips_<model>.safetensors)")
     p.add_argument("--report", metavar="PATH", help="report JSON (default: <checkpoint>.report.json)")
     p.add_argument("--budget", type=float, default=0.5, help="kept fraction of the MLP weights (default 0.5)")
     p.add_argument("--sparsity", type=float, help="sparsity of V (default 0.75 unstructured; implied by N:M)")
@@ -160,7 +164,7 @@ def _load_hf(directory: str, name: Optional[str] = None) -> Loaded:
     output_fn = _embedding_output_fn(pooling) if pooling else None
     label = name or os.path.basename(os.path.normpath(directory))
     return Loaded(model, label, "text", tokenizer, output_fn,
-                  source=f"transformers.{cls.__name__}.from_pretrained({directory!r})")
+                  source=f"transformers.{cls.__name__}.from_pretrained({directory!r})", directory=directory)
 
 
 def _load_timm(name: str, checkpoint: Optional[str], pretrained: bool) -> Loaded:
@@ -257,7 +261,6 @@ def run(args) -> int:
     from . import distributed
     from .api import compress
     from .state import ResumeState
-    from .. import io
 
     rank, world, device = distributed.init_from_env()
     if args.device is not None:
@@ -315,10 +318,10 @@ def run(args) -> int:
               f"continue", file=sys.stderr)
         return 130
     if rank == 0:
-        io.save(model, out)
+        weights, how = save_model(model, out, loaded)
         report.seconds["wall (load, compress, save)"] = time.perf_counter() - start
         data = report.to_dict()
-        data["checkpoint"] = {"path": out, "bytes": os.path.getsize(out), "rebuild": loaded.source}
+        data["checkpoint"] = {"path": out, "bytes": os.path.getsize(weights), "rebuild": loaded.source}
         with open(report_path, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
@@ -326,6 +329,28 @@ def run(args) -> int:
             ResumeState.remove(state_dir)
         say()
         say(report.format())
-        say(f"\nwrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB) and {report_path}")
-        say(f"load it with: fips_kernels.load({out!r}, {loaded.source})")
+        say(f"\nwrote {out} ({os.path.getsize(weights) / 2**20:.1f} MiB) and {report_path}")
+        say(f"load it with: {how}")
     return 0
+
+
+def save_model(model: torch.nn.Module, out: str, loaded: Loaded):
+    """Write the compressed model to ``out``: a ``.safetensors`` checkpoint, or for any
+    other path a Hugging Face model directory (:func:`fips_kernels.save_pretrained`,
+    with the source directory's tokenizer and sentence-transformers files).
+    Returns (the weights file, how to load it)."""
+    from .. import io
+
+    if out.endswith(".safetensors"):
+        io.save(model, out)
+        return out, f"fips_kernels.load({out!r}, {loaded.source})"
+    from ..hf import directory as hf
+
+    hf.save_pretrained(model, out, source=loaded.directory)
+    if loaded.kind == "image":
+        how = f"fips_kernels.from_pretrained({out!r})"
+    else:
+        how = f"import fips_kernels; transformers.{type(model).__name__}.from_pretrained({out!r})"
+        if os.path.isfile(os.path.join(out, "modules.json")):
+            how += f", or import fips_kernels; SentenceTransformer({out!r})"
+    return os.path.join(out, hf.WEIGHTS_NAME), how
