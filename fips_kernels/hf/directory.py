@@ -285,6 +285,7 @@ def from_pretrained(directory, **kwargs) -> nn.Module:
 
         def build():
             args = dict(cfg.get("model_args") or {}, **kwargs)
+            args.setdefault("pretrained_cfg_overlay", cfg.get("pretrained_cfg"))  # the saved input size, mean, std
             return timm.create_model(cfg["architecture"], pretrained=False, **args)
 
         return io.load(directory, build).eval()
