@@ -133,10 +133,16 @@ def test_meta_route_refuses_a_model_whose_buffers_are_on_meta(llama_dir):
     assert type(empty.model.layers[0].mlp).__name__ == "LlamaMLP"  # untouched
 
 
-def test_automodel_loads_a_base_model_directory_into_a_task_model(bert_dir):
+def test_automodel_loads_a_base_model_directory_into_a_task_model_and_back(bert_dir, llama_dir):
     _, d = bert_dir
     loaded = transformers.BertForSequenceClassification.from_pretrained(d)
     assert isinstance(loaded.bert.encoder.layer[0].output.dense, fk.FiPSLinear) and not _mlp_linears(loaded.bert)
+    model, d = llama_dir  # a LlamaForCausalLM directory: AutoModel gives its LlamaModel
+    base = transformers.AutoModel.from_pretrained(d)
+    assert type(base).__name__ == "LlamaModel" and isinstance(base.layers[1].mlp, fk.FiPSGatedMLP)
+    x = cm.token_batches()[0]
+    with torch.no_grad():
+        assert torch.equal(base(**x).last_hidden_state, model.model(**x).last_hidden_state)
 
 
 # ---------------------------------------------------------------- timm

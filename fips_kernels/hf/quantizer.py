@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -87,9 +88,12 @@ class FiPSHfQuantizer(HfQuantizer):
         qc = self.quantization_config.to_dict()
         fmt.check_binding(qc, header, path)
         specs = fmt.tensor_specs(qc, entries, path)
-        target, prefix = _install_target(model, header)
-        io.install_empty(target, header, specs, path)
-        self._header, self._path = header, path
+        target, local, prefix = _install_target(model, header)
+        if local is not header:  # paths cut to the base model: so are the tensor names
+            cut = len(next(iter(header["layers"]))) - len(next(iter(local["layers"])))
+            specs = {k[cut:]: v for k, v in specs.items()}
+        io.install_empty(target, local, specs, path)
+        self._header, self._path = local, path
         self._specs = {prefix + k: v for k, v in specs.items()}
         self._prefix = prefix
         return model
@@ -129,25 +133,46 @@ class FiPSHfQuantizer(HfQuantizer):
 
 
 def _install_target(model, header):
-    """(module the header's paths are relative to, its prefix): the model, or its
-    base model when the directory was saved from the base model (``BertModel``
-    loaded as ``BertForSequenceClassification``)."""
+    """(module to install into, the header with paths relative to it, prefix of that
+    module in ``model``). The directory may have been saved from the base model and
+    be loaded into a task model (``BertModel`` -> ``BertForSequenceClassification``:
+    the base model's paths under ``bert.``) or the other way round (a
+    ``LlamaForCausalLM`` directory loaded by ``AutoModel`` as a ``LlamaModel``:
+    ``model.`` cut off), as transformers allows for the weights."""
     first = next(iter(header["layers"]))
-    try:
-        get_submodule(model, first)
-        return model, ""
-    except AttributeError:
-        pass
-    prefix = getattr(model, "base_model_prefix", "")
+    prefix = getattr(model, "base_model_prefix", "") or ""
     base = getattr(model, prefix, None) if prefix else None
-    if base is not None:
-        try:
-            get_submodule(base, first)
-            return base, prefix + "."
-        except AttributeError:
-            pass
+    if _has(model, first):
+        return model, header, ""
+    if isinstance(base, torch.nn.Module) and _has(base, first):
+        return base, header, prefix + "."
+    if prefix and base is None and all(n.startswith(prefix + ".") for n in header["layers"]) \
+            and _has(model, first[len(prefix) + 1:]):
+        return model, _strip(header, prefix + "."), ""
     raise CheckpointError(f"fips: the model {type(model).__name__} has no module {first!r} for a FiPS layer: the "
                           f"directory holds another architecture")
+
+
+def _has(model, path: str) -> bool:
+    try:
+        get_submodule(model, path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _strip(header: dict, prefix: str) -> dict:
+    """``header`` with ``prefix`` cut off every path (tied names outside it dropped)."""
+    def cut(name: str) -> str:
+        return name[len(prefix):]
+
+    out = dict(header)
+    out["layers"] = {cut(n): dict(rec, base=cut(rec["base"])) for n, rec in header["layers"].items()}
+    out["bases"] = {cut(b): rec for b, rec in header["bases"].items()}
+    out["gated"] = {cut(m): names for m, names in header["gated"].items()}
+    out["aliases"] = {cut(k): cut(v) for k, v in header.get("aliases", {}).items()
+                      if k.startswith(prefix) and v.startswith(prefix)}
+    return out
 
 
 def register(auto) -> None:
