@@ -155,6 +155,9 @@ def write(header: dict, tensors: Dict[str, torch.Tensor], path: PathLike) -> Non
     try:
         # "format": "pt" is what transformers and other safetensors readers expect of a PyTorch file
         save_file(tensors, tmp, metadata={HEADER_KEY: json.dumps(header, sort_keys=True), "format": "pt"})
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # safetensors creates 0600 files; a model directory is meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

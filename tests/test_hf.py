@@ -114,6 +114,19 @@ def test_llama_directory_loads_with_its_class_and_fuses_gate_up(llama_dir):
     assert fk.from_pretrained(d).__class__.__name__ == "LlamaForCausalLM"
 
 
+def test_a_requested_dtype_casts_the_other_weights_never_the_factors(llama_dir):
+    model, d = llama_dir
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16)
+    gate = loaded.model.layers[0].mlp.gate_proj
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16 and gate.cast_input
+    assert torch.equal(gate.V_values, model.model.layers[0].mlp.gate_proj.V_values)  # stored fp32 bytes, as checked
+    x = cm.token_batches()[0]
+    with torch.no_grad():
+        got, want = loaded(**x).logits, model(**x).logits
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() <= 0.05 * want.abs().max()  # bf16 rounding of the other layers only
+
+
 def test_safetensors_file_also_loads_through_the_meta_route(llama_dir, tmp_path):
     model, _ = llama_dir
     path = tmp_path / "llama.safetensors"
@@ -225,7 +238,7 @@ def test_sentence_transformer_loads_the_directory_and_equals_the_fk_load_path(st
 
     config = transformers.AutoConfig.from_pretrained(st_dir)
     reference = fk.load(cli_dir, lambda: transformers.BertModel(config)).eval()
-    features = model.tokenize(sentences)
+    features = (getattr(model, "preprocess", None) or model.tokenize)(sentences)  # renamed in sentence-transformers 6
     with torch.no_grad():
         tokens = reference(input_ids=features["input_ids"], attention_mask=features["attention_mask"],
                            token_type_ids=features.get("token_type_ids")).last_hidden_state

@@ -116,6 +116,7 @@ class FiPSHfQuantizer(HfQuantizer):
                 raise CheckpointError(f"{self._path}: FiPS tensor {key!r} loaded as "
                                       f"{None if t is None else (t.dtype, tuple(t.shape))}, stored as {(dtype, shape)}")
         io.tie_aliases(target, self._header.get("aliases", {}))
+        _match_model_dtype(target, self._header)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:
@@ -130,6 +131,18 @@ class FiPSHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True  # torch.library custom ops with fake implementations
+
+
+def _match_model_dtype(model, header) -> None:
+    """``from_pretrained(..., dtype=...)`` casts the other weights, never the FiPS tensors
+    (their stored bytes are what was checked): a layer whose factors are in another
+    dtype than the model then casts its input to its own dtype and its output back."""
+    dtype = next((p.dtype for n, p in model.named_parameters() if p.is_floating_point()
+                  and not n.startswith(tuple(f"{name}." for name in header["layers"]))), None)
+    for name in header["layers"]:
+        layer = get_submodule(model, name)
+        if dtype is not None and layer.compute_dtype != dtype and not layer.cast_input:
+            layer.cast_input = True
 
 
 def _install_target(model, header):
