@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -376,8 +376,8 @@ def _build(header: dict, tensors: Dict[str, torch.Tensor], path, validate: bool 
     return bases, built
 
 
-def load(path: PathLike, model=None, *, map_location: Union[str, torch.device] = "cpu",
-         strict: bool = True) -> nn.Module:
+def load(path: PathLike, model: Union[nn.Module, Callable[[], nn.Module], None] = None, *,
+         map_location: Union[str, torch.device] = "cpu", strict: bool = True) -> nn.Module:
     """Load a checkpoint written by :func:`save` (a ``.safetensors`` file) or
     :func:`fips_kernels.save_pretrained` (a directory).
 

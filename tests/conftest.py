@@ -31,6 +31,16 @@ def _seed_and_clean_env(monkeypatch):
     yield
 
 
+@pytest.fixture
+def one_thread_reference():
+    """One CPU thread and the reference backend, for tests that run whole models on the CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with dispatch.use_backend("reference"):
+        yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)

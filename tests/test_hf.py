@@ -22,18 +22,15 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 WORDS = "the a cat dog sat on mat ran fast slow big small red blue house tree water light".split()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_reference_backend():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with fk.use_backend("reference"):
-        yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_reference")
 
 
 def _compressed(model, data, group_size=2):
-    """FiPS layers from the SVD init (steps=0: no training needed to test loading)."""
-    return fk.compress(model, budget=0.5, group_size=group_size, calib_data=data, steps=0, progress=False)[0].eval()
+    """FiPS layers from the SVD init (steps=0: no training needed to test loading). Module fixtures
+    call it before the per-test fixture, hence the backend here."""
+    with fk.use_backend("reference"):
+        return fk.compress(model, budget=0.5, group_size=group_size, calib_data=data, steps=0,
+                           progress=False)[0].eval()
 
 
 def _mlp_linears(model):
@@ -210,8 +207,9 @@ def st_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cli_dir(st_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "tiny-fips"
-    rc = cli.main(["compress", str(st_dir), "--out", str(out), "--steps", "2", "--group-size", "2",
-                   "--batch-size", "8", "--num-samples", "24", "--no-progress"])
+    with fk.use_backend("reference"):
+        rc = cli.main(["compress", str(st_dir), "--out", str(out), "--steps", "2", "--group-size", "2",
+                       "--batch-size", "8", "--num-samples", "24", "--no-progress"])
     assert rc == 0
     return out
 
