@@ -143,6 +143,17 @@ def test_meta_route_refuses_a_model_whose_buffers_are_on_meta(llama_dir):
     assert type(empty.model.layers[0].mlp).__name__ == "LlamaMLP"  # untouched
 
 
+def test_a_loaded_model_saves_again_with_save_pretrained(bert_dir, tmp_path):
+    model, d = bert_dir
+    again = tmp_path / "again"
+    fk.save_pretrained(transformers.AutoModel.from_pretrained(d), again)
+    reloaded = transformers.AutoModel.from_pretrained(again)
+    assert json.loads((again / "config.json").read_text())["quantization_config"]["layers"] == \
+        json.loads((d / "config.json").read_text())["quantization_config"]["layers"]
+    for key, t in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], t), key
+
+
 def test_automodel_loads_a_base_model_directory_into_a_task_model_and_back(bert_dir, llama_dir):
     _, d = bert_dir
     loaded = transformers.BertForSequenceClassification.from_pretrained(d)

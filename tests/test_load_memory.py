@@ -135,7 +135,8 @@ def directories(tmp_path_factory):
     fk.save_pretrained(fk.compress(cm.tiny_llama(layers=2).model, calib_data=cm.token_batches(), group_size=2,
                                    steps=0, progress=False)[0], warm)
     sizes = build_synthetic_llama(root / "big")
-    return root / "big", warm, sizes
+    yield root / "big", warm, sizes
+    shutil.rmtree(root, ignore_errors=True)  # 0.3 GiB: not left for pytest's last three runs
 
 
 def test_peak_memory_of_a_load_is_within_the_compressed_size(directories):
