@@ -237,6 +237,15 @@ def test_compress_out_dir_writes_a_hugging_face_directory(st_dir, cli_dir, capsy
     assert sum(isinstance(m, fk.FiPSLinear) for m in loaded.modules()) == 4
 
 
+def test_out_dir_may_replace_a_fips_directory_but_never_another_folder(st_dir, cli_dir, capsys):
+    from fips_kernels.compress.command import _check_folder_output
+
+    _check_folder_output(str(cli_dir))  # an earlier FiPS directory: written over
+    assert cli.main(["compress", str(st_dir), "--out", str(st_dir)]) == 2  # the source model's own folder
+    assert "neither empty nor a FiPS model directory" in capsys.readouterr().err
+    assert "quantization_config" not in (st_dir / "config.json").read_text()
+
+
 def test_sentence_transformer_loads_the_directory_and_equals_the_fk_load_path(st_dir, cli_dir):
     st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
     model = st.SentenceTransformer(str(cli_dir), device="cpu")

@@ -34,6 +34,7 @@ from .. import io
 from ..io import CheckpointError
 
 __all__ = ["save_pretrained", "from_pretrained", "quantization_config", "check_binding", "check_directory",
+           "is_fips_directory",
            "tensor_specs", "copy_companions", "read_config", "WEIGHTS_NAME", "CONFIG_NAME", "QUANT_METHOD",
            "CONFIG_VERSION"]
 
@@ -155,6 +156,15 @@ def read_config(directory: str) -> dict:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     return cfg
+
+
+def is_fips_directory(directory: str) -> bool:
+    """Whether ``directory`` holds a model directory written by :func:`save_pretrained`."""
+    try:
+        qc = read_config(directory).get("quantization_config")
+    except CheckpointError:
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
 
 
 def check_directory(directory: str, header: dict) -> None:
