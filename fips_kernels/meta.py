@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, List
 
-import torch
 from torch import nn
 
 __all__ = ["empty_weights", "meta_tensors", "has_meta"]

@@ -17,13 +17,7 @@ WORDS = ("the a an of to in on and is was it that train river city music light w
          "small large old new good long high first last many most some other").split()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_reference_backend():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with fk.use_backend("reference"):
-        yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_reference")  # conftest: one thread, reference backend
 
 
 @pytest.fixture

@@ -14,13 +14,7 @@ from compress_models import plain_vit, tokens
 SMALL = dict(steps=30, prune_every=10, progress=False, batch_size=8, group_size=2, lr=3e-3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_reference_backend():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with fk.use_backend("reference"):
-        yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_reference")  # conftest: one thread, reference backend
 
 
 def _fips_layers(model):
