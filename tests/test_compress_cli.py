@@ -217,15 +217,18 @@ def no_model_loading(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--out", "{tmp}"], "--out {tmp} is a folder; --out names the checkpoint file to write, e.g. --out "
-                         "{tmp}/model_fips.safetensors"),
-    (["--out", "{tmp}/new/"], "is a folder"),
+    (["--out", "{tmp}"], "--out {tmp} is a folder that is neither empty nor a FiPS model directory; give a new "
+                         "or empty folder (or a .safetensors file)"),
+    (["--out", "{tmp}/missing/new/"], "--out {tmp}/missing/new/: the folder {tmp}/missing does not exist"),
+    (["--out", "{tmp}/file.txt"], "--out {tmp}/file.txt is a file; a path without .safetensors names a model "
+                                  "directory to write"),
     (["--out", "{tmp}/missing/m.safetensors"], "the folder {tmp}/missing does not exist; create it first"),
     (["--out", "{tmp}/file.txt/m.safetensors"], "{tmp}/file.txt is a file, not a folder"),
     (["--out", "{tmp}/m.safetensors", "--report", "{tmp}"], "--report {tmp} is a folder"),
     (["--out", "{tmp}/m.safetensors", "--state-dir", "{tmp}/file.txt"], "the state folder {tmp}/file.txt is a file"),
     (["--out", "{tmp}/m.safetensors", "--state-dir", "{tmp}/file.txt/state"], "{tmp}/file.txt is a file"),
-    (["--out", "{tmp}/file.txt", "--data", "{tmp}/file.txt"], "--out {tmp}/file.txt is also the --data path"),
+    (["--out", "{tmp}/m.safetensors", "--data", "{tmp}/m.safetensors"], "--out {tmp}/m.safetensors is also the "
+                                                                        "--data path"),
     (["--out", "{tmp}/m.safetensors", "--report", "{tmp}/m.safetensors"], "--report {tmp}/m.safetensors is also "
                                                                           "the --out path"),
 ])
@@ -255,11 +258,12 @@ def test_bad_arguments_say_what_is_allowed(argv, words, tmp_path, no_model_loadi
 
 
 def test_an_existing_folder_as_out_is_one_line_in_a_subprocess(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model directory")  # never overwritten
     proc = _cli_subprocess("--out", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"fips-kernels compress: error: --out {tmp_path} is a folder; --out names the checkpoint file to write, "
-        f"e.g. --out {tmp_path / 'model_fips.safetensors'}"]
+        f"fips-kernels compress: error: --out {tmp_path} is a folder that is neither empty nor a FiPS model "
+        f"directory; give a new or empty folder (or a .safetensors file)"]
 
 
 def test_short_runs_prune_gradually_and_an_explicit_jump_is_warned(capsys):

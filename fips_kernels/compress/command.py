@@ -45,6 +45,7 @@ class Loaded:
     tokenizer: object = None
     output_fn: Optional[Callable] = None
     source: str = ""                 # how to rebuild the dense model for fips_kernels.load
+    directory: Optional[str] = None  # a Hugging Face model's directory: its tokenizer and sentence-transformers files
 
 
 def add_arguments(p) -> None:
@@ -54,8 +55,11 @@ def add_arguments(p) -> None:
     p.add_argument("--data", metavar="PATH",
                    help="calibration data: an image folder, or a text file with one sample per line "
                         "(default for text models: the built-in sentences)")
-    p.add_argument("--out", metavar="PATH", help="checkpoint to write (default: fips_<model>.safetensors)")
-    p.add_argument("--report", metavar="PATH", help="report JSON (default: <checkpoint>.report.json)")
+    p.add_argument("--out", metavar="PATH",
+                   help="a .safetensors checkpoint, or any other path: a Hugging Face model directory (config.json, "
+                        "model.safetensors, the tokenizer and sentence-transformers files) that AutoModel / "
+                        "SentenceTransformer load after `import fips_kernels` (default: fips_<model>.safetensors)")
+    p.add_argument("--report", metavar="PATH", help="report JSON (default: <out without .safetensors>.report.json)")
     p.add_argument("--budget", type=float, default=0.5, help="kept fraction of the MLP weights (default 0.5)")
     p.add_argument("--sparsity", type=float, help="sparsity of V (default 0.75 unstructured; implied by N:M)")
     p.add_argument("--pattern", default="unstructured", help="unstructured (default), 1:4, 2:4, any N:M, or dense")
@@ -164,7 +168,7 @@ def _load_hf(directory: str, name: str) -> Loaded:
     pooling = _pooling(directory)
     output_fn = _embedding_output_fn(pooling) if pooling else None
     return Loaded(model, name, "text", tokenizer, output_fn,
-                  source=f"transformers.{cls.__name__}.from_pretrained({directory!r})")
+                  source=f"transformers.{cls.__name__}.from_pretrained({directory!r})", directory=directory)
 
 
 def _import(module: str, what: str):
@@ -414,7 +418,7 @@ class Outputs:
 
 def output_paths(args, name: str) -> Outputs:
     out = args.out or f"fips_{name.replace('/', '_')}.safetensors"
-    stem = os.path.splitext(out.rstrip("/" + os.sep))[0]
+    stem = out.rstrip("/" + os.sep) if _names_a_folder(out) else os.path.splitext(out)[0]
     return Outputs(out, args.report or stem + ".report.json", args.state_dir or stem + ".state")
 
 
@@ -435,18 +439,28 @@ def check_outputs(paths: Outputs, inputs: Sequence[Optional[str]]) -> None:
 
 
 def _names_a_folder(out: str) -> bool:
-    """Whether --out asks for a folder: an existing one, or a path ending in a separator. (Once
-    fips_kernels.save_pretrained writes Hugging Face model directories, any --out without the
-    .safetensors suffix will too.)"""
-    return os.path.isdir(out) or out.endswith(("/", os.sep))
+    """Whether --out names a Hugging Face model directory: any path without the .safetensors suffix
+    (and an existing folder)."""
+    return os.path.isdir(out) or not out.endswith(".safetensors")
 
 
 def _check_folder_output(out: str) -> None:
-    """Today --out is always a checkpoint file, so a folder is refused. When --out can name a Hugging Face
-    model directory, this accepts a missing or empty folder (or one holding an earlier such model) and
-    refuses any other non-empty folder."""
-    raise CommandError(f"--out {out} is a folder; --out names the checkpoint file to write, e.g. "
-                       f"--out {os.path.join(out, 'model_fips.safetensors')}")
+    """A model directory is written into a missing or empty folder, or over an earlier FiPS model
+    directory; any other non-empty folder (the source model's, say) is refused, never overwritten."""
+    from ..hf import directory as hf
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CommandError(f"--out {out} is a file; a path without .safetensors names a model directory to write")
+    if os.path.isdir(out):
+        if os.listdir(out) and not hf.is_fips_directory(out):
+            raise CommandError(f"--out {out} is a folder that is neither empty nor a FiPS model directory; give a "
+                               f"new or empty folder (or a .safetensors file)")
+        _check_writable(out, f"--out {out}")
+        return
+    parent = os.path.dirname(os.path.abspath(out.rstrip("/" + os.sep)))
+    if not os.path.isdir(parent):
+        raise CommandError(f"--out {out}: the folder {parent} does not exist; create it first")
+    _check_writable(parent, f"--out {out}")
 
 
 def _check_file_output(path: str, flag: str) -> None:
@@ -519,16 +533,38 @@ def start_state(paths: Outputs, args, say) -> None:
     ResumeState.remove(paths.state)
 
 
-def write_outputs(model, report, paths: Outputs, loaded: Loaded, start: float) -> None:
-    from .. import io
-
-    io.save(model, paths.out)
+def write_outputs(model, report, paths: Outputs, loaded: Loaded, start: float):
+    """Write the model and the report; returns (the weights file, how to load the model)."""
+    weights, how = save_model(model, paths.out, loaded)
     report.seconds["wall (load, compress, save)"] = time.perf_counter() - start
     data = report.to_dict()
-    data["checkpoint"] = {"path": paths.out, "bytes": os.path.getsize(paths.out), "rebuild": loaded.source}
+    data["checkpoint"] = {"path": paths.out, "bytes": os.path.getsize(weights), "rebuild": loaded.source}
     with open(paths.report, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
+    return weights, how
+
+
+def save_model(model: torch.nn.Module, out: str, loaded: Loaded):
+    """Write the compressed model to ``out``: a ``.safetensors`` checkpoint, or for any
+    other path a Hugging Face model directory (:func:`fips_kernels.save_pretrained`,
+    with the source directory's tokenizer and sentence-transformers files).
+    Returns (the weights file, how to load it)."""
+    from .. import io
+
+    if not _names_a_folder(out):
+        io.save(model, out)
+        return out, f"fips_kernels.load({out!r}, {loaded.source})"
+    from ..hf import directory as hf
+
+    hf.save_pretrained(model, out, source=loaded.directory)
+    if loaded.kind == "image":
+        how = f"fips_kernels.from_pretrained({out!r})"
+    else:
+        how = f"import fips_kernels; transformers.{type(model).__name__}.from_pretrained({out!r})"
+        if os.path.isfile(os.path.join(out, "modules.json")):
+            how += f", or import fips_kernels; SentenceTransformer({out!r})"
+    return os.path.join(out, hf.WEIGHTS_NAME), how
 
 
 def _quiet_loaders() -> None:
@@ -607,7 +643,7 @@ def run(args) -> int:
         raise
     if rank == 0:
         try:
-            write_outputs(model, report, paths, loaded, start)
+            weights, how = write_outputs(model, report, paths, loaded, start)
         except Exception as exc:  # disk full, the folder removed meanwhile, ...
             print(f"fips-kernels compress: error: writing {paths.out} or {paths.report} failed "
                   f"({type(exc).__name__}: {_first_line(exc)}); {resume_hint(paths, args)}", file=sys.stderr)
@@ -616,6 +652,6 @@ def run(args) -> int:
             ResumeState.remove(paths.state)
         say()
         say(report.format())
-        say(f"\nwrote {paths.out} ({os.path.getsize(paths.out) / 2**20:.1f} MiB) and {paths.report}")
-        say(f"load it with: fips_kernels.load({paths.out!r}, {loaded.source})")
+        say(f"\nwrote {paths.out} ({os.path.getsize(weights) / 2**20:.1f} MiB) and {paths.report}")
+        say(f"load it with: {how}")
     return 0
