@@ -245,41 +245,26 @@ at::Tensor run_cuda(const SparseMMCall& call, const DeviceFacts& dev) {
   return call.out;
 }
 
-at::Tensor sparse_mm_cuda(const at::Tensor& A, const at::Tensor& values,
-                          const std::optional<at::Tensor>& aux0, const std::optional<at::Tensor>& aux1,
-                          const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
-                          c10::string_view fmt, int64_t K, int64_t N, int64_t p0, int64_t p1,
-                          int64_t qbits, int64_t qgroup, bool transpose, c10::string_view activation,
-                          int64_t split_k, std::optional<at::ScalarType> out_dtype) {
+const at::Tensor& cuda_input(const at::Tensor& A) {
   TORCH_CHECK(A.is_cuda(), "fips_kernels_cuda::sparse_mm (CUDA): A must be a CUDA tensor, got ", A.device());
-  const c10::cuda::CUDAGuard guard(A.device());
-  const DeviceFacts dev = checked_device(A);
-  return run_cuda(prepare_sparse_mm(A, {values, aux0, aux1, scales, bias}, nullptr, fmt, K, N, p0, p1, qbits,
-                                    qgroup, transpose, activation, split_k, out_dtype, dev.sms),
-                  dev);
+  return A;
 }
 
-at::Tensor sparse_mm_gated_cuda(const at::Tensor& A, const at::Tensor& values, const std::optional<at::Tensor>& aux0,
-                                const std::optional<at::Tensor>& aux1, const std::optional<at::Tensor>& scales,
-                                const std::optional<at::Tensor>& bias, const at::Tensor& up_values,
-                                const std::optional<at::Tensor>& up_aux0, const std::optional<at::Tensor>& up_aux1,
-                                const std::optional<at::Tensor>& up_scales, const std::optional<at::Tensor>& up_bias,
-                                c10::string_view fmt, int64_t K, int64_t N, int64_t p0, int64_t p1, int64_t qbits,
-                                int64_t qgroup, int64_t split_k, std::optional<at::ScalarType> out_dtype) {
-  TORCH_CHECK(A.is_cuda(), "fips_kernels_cuda::sparse_mm (CUDA): A must be a CUDA tensor, got ", A.device());
-  const c10::cuda::CUDAGuard guard(A.device());
-  const DeviceFacts dev = checked_device(A);
-  const FactorTensors up{up_values, up_aux0, up_aux1, up_scales, up_bias};
-  return run_cuda(prepare_sparse_mm(A, {values, aux0, aux1, scales, bias}, &up, fmt, K, N, p0, p1, qbits, qgroup,
-                                    false, "silu", split_k, out_dtype, dev.sms),
-                  dev);
-}
+struct CudaDevice {
+  struct Scope {
+    const c10::cuda::CUDAGuard guard;  // A's device for the whole call
+    const DeviceFacts dev;
+    const int64_t sms;
+    explicit Scope(const at::Tensor& A) : guard(cuda_input(A).device()), dev(checked_device(A)), sms(dev.sms) {}
+  };
+  static at::Tensor run(const SparseMMCall& call, const Scope& scope) { return run_cuda(call, scope.dev); }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fips_kernels_cuda, CUDA, m) {
-  m.impl("sparse_mm", &sparse_mm_cuda);
-  m.impl("sparse_mm_gated", &sparse_mm_gated_cuda);
+  m.impl("sparse_mm", &sparse_mm_entry<CudaDevice>);
+  m.impl("sparse_mm_gated", &sparse_mm_gated_entry<CudaDevice>);
 }
 
 }  // namespace fips_kernels

@@ -40,4 +40,36 @@ SparseMMCall prepare_sparse_mm(const at::Tensor& A, const FactorTensors& first, 
                                int64_t qbits, int64_t qgroup, bool transpose, c10::string_view activation,
                                int64_t split_k, std::optional<at::ScalarType> out_dtype, int64_t sm_count);
 
+// The two operators' entry points for one device type. `Device::Scope scope(A)`
+// checks A's device (on CUDA it also holds the device guard and the device's
+// facts for the whole call) and gives `scope.sms`, the multiprocessors split-K
+// fills; `Device::run(call, scope)` launches the block program.
+template <class Device>
+at::Tensor sparse_mm_entry(const at::Tensor& A, const at::Tensor& values, const std::optional<at::Tensor>& aux0,
+                           const std::optional<at::Tensor>& aux1, const std::optional<at::Tensor>& scales,
+                           const std::optional<at::Tensor>& bias, c10::string_view fmt, int64_t K, int64_t N,
+                           int64_t p0, int64_t p1, int64_t qbits, int64_t qgroup, bool transpose,
+                           c10::string_view activation, int64_t split_k, std::optional<at::ScalarType> out_dtype) {
+  const typename Device::Scope scope(A);
+  return Device::run(prepare_sparse_mm(A, {values, aux0, aux1, scales, bias}, nullptr, fmt, K, N, p0, p1, qbits,
+                                       qgroup, transpose, activation, split_k, out_dtype, scope.sms),
+                     scope);
+}
+
+template <class Device>
+at::Tensor sparse_mm_gated_entry(const at::Tensor& A, const at::Tensor& values,
+                                 const std::optional<at::Tensor>& aux0, const std::optional<at::Tensor>& aux1,
+                                 const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& up_values, const std::optional<at::Tensor>& up_aux0,
+                                 const std::optional<at::Tensor>& up_aux1, const std::optional<at::Tensor>& up_scales,
+                                 const std::optional<at::Tensor>& up_bias, c10::string_view fmt, int64_t K,
+                                 int64_t N, int64_t p0, int64_t p1, int64_t qbits, int64_t qgroup, int64_t split_k,
+                                 std::optional<at::ScalarType> out_dtype) {
+  const typename Device::Scope scope(A);
+  const FactorTensors up{up_values, up_aux0, up_aux1, up_scales, up_bias};
+  return Device::run(prepare_sparse_mm(A, {values, aux0, aux1, scales, bias}, &up, fmt, K, N, p0, p1, qbits,
+                                       qgroup, false, "silu", split_k, out_dtype, scope.sms),
+                     scope);
+}
+
 }  // namespace fips_kernels

@@ -385,36 +385,22 @@ at::Tensor run_cpu(const SparseMMCall& call) {
   return call.out;
 }
 
-at::Tensor sparse_mm_cpu(const at::Tensor& A, const at::Tensor& values,
-                         const std::optional<at::Tensor>& aux0, const std::optional<at::Tensor>& aux1,
-                         const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
-                         c10::string_view fmt, int64_t K, int64_t N, int64_t p0, int64_t p1,
-                         int64_t qbits, int64_t qgroup, bool transpose, c10::string_view activation,
-                         int64_t split_k, std::optional<at::ScalarType> out_dtype) {
-  TORCH_CHECK(A.device().is_cpu(), kOp, " (CPU): expected CPU tensors, got A on ", A.device());
-  // 4 "multiprocessors": small problems still exercise split-K in the CPU tests.
-  return run_cpu(prepare_sparse_mm(A, {values, aux0, aux1, scales, bias}, nullptr, fmt, K, N, p0, p1,
-                                   qbits, qgroup, transpose, activation, split_k, out_dtype, 4));
-}
-
-at::Tensor sparse_mm_gated_cpu(const at::Tensor& A, const at::Tensor& values, const std::optional<at::Tensor>& aux0,
-                               const std::optional<at::Tensor>& aux1, const std::optional<at::Tensor>& scales,
-                               const std::optional<at::Tensor>& bias, const at::Tensor& up_values,
-                               const std::optional<at::Tensor>& up_aux0, const std::optional<at::Tensor>& up_aux1,
-                               const std::optional<at::Tensor>& up_scales, const std::optional<at::Tensor>& up_bias,
-                               c10::string_view fmt, int64_t K, int64_t N, int64_t p0, int64_t p1, int64_t qbits,
-                               int64_t qgroup, int64_t split_k, std::optional<at::ScalarType> out_dtype) {
-  TORCH_CHECK(A.device().is_cpu(), kOp, " (CPU): expected CPU tensors, got A on ", A.device());
-  const FactorTensors up{up_values, up_aux0, up_aux1, up_scales, up_bias};
-  return run_cpu(prepare_sparse_mm(A, {values, aux0, aux1, scales, bias}, &up, fmt, K, N, p0, p1, qbits,
-                                   qgroup, false, "silu", split_k, out_dtype, 4));
-}
+// The CPU twin: 4 "multiprocessors", so small problems still exercise split-K in the CPU tests.
+struct CpuDevice {
+  struct Scope {
+    int64_t sms = 4;
+    explicit Scope(const at::Tensor& A) {
+      TORCH_CHECK(A.device().is_cpu(), kOp, " (CPU): expected CPU tensors, got A on ", A.device());
+    }
+  };
+  static at::Tensor run(const SparseMMCall& call, const Scope&) { return run_cpu(call); }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fips_kernels_cuda, CPU, m) {
-  m.impl("sparse_mm", &sparse_mm_cpu);
-  m.impl("sparse_mm_gated", &sparse_mm_gated_cpu);
+  m.impl("sparse_mm", &sparse_mm_entry<CpuDevice>);
+  m.impl("sparse_mm_gated", &sparse_mm_gated_entry<CpuDevice>);
 }
 
 }  // namespace fips_kernels

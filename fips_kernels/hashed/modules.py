@@ -142,7 +142,15 @@ class HashedLayer(nn.Module):
     reference to the memory, the mapping and λ (and the ``hash_spec`` buffer)."""
 
     def _attach(self, memory: Optional[HashedMemory], out_rows: int, row_len: int, scale: Optional[float],
-                default_scale: Callable[[HashedMemory], float], own_memory: bool, memory_kwargs: dict) -> None:
+                default_scale: Callable[[HashedMemory], float], own_memory: bool, memory_kwargs: dict,
+                budget: Optional[float] = None, device=None, dtype=None) -> None:
+        """Use ``memory``, or a memory of this layer's own from ``memory_kwargs`` /
+        ``budget`` (a fraction of the ``out_rows × row_len`` weights)."""
+        if memory is None:
+            memory_kwargs = _own_memory_kwargs(memory_kwargs, budget, out_rows * row_len, device, dtype)
+        elif budget is not None:
+            raise ValueError(f"{type(self).__name__}: budget= describes a new memory; it cannot be combined "
+                             f"with memory=")
         if memory is None:
             if "size" not in memory_kwargs:
                 raise ValueError(f"{type(self).__name__}: give a memory, or size=... (slots) or budget=... "
@@ -220,13 +228,9 @@ class HashedLinear(HashedLayer):
         super().__init__()
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        if memory is None:
-            memory_kwargs = _own_memory_kwargs(memory_kwargs, budget, self.in_features * self.out_features,
-                                               device, dtype)
-        elif budget is not None:
-            raise ValueError("HashedLinear: budget= describes a new memory; it cannot be combined with memory=")
         self._attach(memory, self.out_features, self.in_features, scale,
-                     lambda mem: mapping.default_scale(self.in_features, mem.init_range), own_memory, memory_kwargs)
+                     lambda mem: mapping.default_scale(self.in_features, mem.init_range), own_memory, memory_kwargs,
+                     budget, device, dtype)
         mem = self._memory.weight
         if bias:
             bound = 1.0 / math.sqrt(self.in_features) if self.in_features else 0.0
@@ -265,14 +269,9 @@ class HashedEmbedding(HashedLayer):
                 raise ValueError(f"HashedEmbedding: padding_idx {padding_idx} out of range")
             padding_idx = padding_idx % self.num_embeddings
         self.padding_idx = padding_idx
-        if memory is None:
-            memory_kwargs = _own_memory_kwargs(memory_kwargs, budget, self.num_embeddings * self.embedding_dim,
-                                               device, dtype)
-        elif budget is not None:
-            raise ValueError("HashedEmbedding: budget= describes a new memory; it cannot be combined with memory=")
         self._attach(memory, self.num_embeddings, self.embedding_dim, scale,
                      lambda mem: mapping.default_scale(self.embedding_dim, mem.init_range, embedding=True),
-                     own_memory, memory_kwargs)
+                     own_memory, memory_kwargs, budget, device, dtype)
 
     @property
     def weight(self) -> torch.Tensor:
