@@ -48,20 +48,21 @@ PYBENCH_DIR = "pytest-benchmark"
 META = ("gpu_name", "driver", "torch", "triton", "cuda", "date", "commit")
 KIND_ORDER = ("expand", "contract", "group")
 MODE_ORDER = ("eager", "cudagraph", "compile", "compile-cudagraph")
-OURS_EXACT = {"reference"}
-OURS_PREFIX = ("fips", "triton", "hashed")
+ROLE_ORDER = ("baseline", "ours", "peer")  # the benchmark's roles (fips_kernels/bench/registry.py)
+UNKNOWN_ROLE = "?"
 PROVIDER_ORDER = ("dense", "fips", "fips_gate_up", "triton_factored", "triton_reconstruct", "reference",
                   "two_gemm", "csr_rebuild", "semi_structured_24")
 
 Row = Dict[str, str]
 
 
-def is_ours(provider: str) -> bool:
-    return provider in OURS_EXACT or provider.startswith(OURS_PREFIX)
-
-
-def role(provider: str) -> str:
-    return "baseline" if provider == "dense" else "ours" if is_ours(provider) else "peer"
+def roles_of(rows: Iterable[Row]) -> Dict[str, str]:
+    """``provider -> role`` from the CSV's ``role`` column, which the benchmark writes from the
+    registry entry that made each row (``?`` for a CSV written before the column existed)."""
+    out: Dict[str, str] = {}
+    for r in rows:
+        out.setdefault(r["provider"], r.get("role") or UNKNOWN_ROLE)
+    return out
 
 
 # ---------------------------------------------------------------- formatting (shared with tests/test_report.py)
@@ -257,10 +258,11 @@ def ordered(values: Iterable[str], order: Sequence[str] = ()) -> List[str]:
     return [v for v in order if v in seen] + [v for v in seen if v not in order]
 
 
-def sort_providers(names: Iterable[str]) -> List[str]:
+def sort_providers(names: Iterable[str], roles: Dict[str, str]) -> List[str]:
+    """The baseline, ours, then the peers (each in PROVIDER_ORDER, then first seen)."""
     names = ordered(names, PROVIDER_ORDER)
-    rank = {"baseline": 0, "ours": 1, "peer": 2}
-    return sorted(names, key=lambda n: (rank[role(n)], names.index(n)))
+    rank = {r: i for i, r in enumerate(ROLE_ORDER)}
+    return sorted(names, key=lambda n: (rank.get(roles.get(n, UNKNOWN_ROLE), len(rank)), names.index(n)))
 
 
 def rel(path: Path, start: Path) -> str:
@@ -301,6 +303,7 @@ def reasons_lines(rows: Sequence[Row]) -> List[str]:
 
 def layer_section(cf: CsvFile, md_dir: Path, plots_dir: Path, plots: List[Path]) -> List[str]:
     rows = cf.gpu_rows
+    roles = roles_of(rows)
     src = f"[{cf.path.name}]({rel(cf.path, md_dir)})"
     gpu = rows[0].get("gpu_name", "?")
     out = [f"### Layer benchmark on {gpu}", "",
@@ -330,9 +333,9 @@ def layer_section(cf: CsvFile, md_dir: Path, plots_dir: Path, plots: List[Path])
                 body = []
                 for pattern in ordered(r["pattern"] for r in krow):
                     pat_rows = [r for r in krow if r["pattern"] == pattern]
-                    for provider in sort_providers(r["provider"] for r in pat_rows):
+                    for provider in sort_providers((r["provider"] for r in pat_rows), roles):
                         by_m = {int(r["M"]): r for r in pat_rows if r["provider"] == provider}
-                        body.append([pattern, provider, role(provider)] + [cell(by_m.get(m), column, fmt) for m in ms])
+                        body.append([pattern, provider, roles[provider]] + [cell(by_m.get(m), column, fmt) for m in ms])
                         if column == "speedup_vs_dense" and provider == "fips":
                             backends = [by_m[m].get("backend", "") if m in by_m else "" for m in ms]
                             if any(backends):
@@ -384,10 +387,10 @@ def _colors(labels: Iterable[str]) -> Dict[str, str]:
     return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
 
 
-def _style(provider: str, color: Optional[str] = None) -> dict:
+def _style(provider: str, role: str, color: Optional[str] = None) -> dict:
     style = {"baseline": dict(color="black", linestyle=":", marker=None),
              "ours": dict(linestyle="-", marker="o", markersize=3),
-             "peer": dict(linestyle="--", marker="s", markersize=3)}[role(provider)]
+             "peer": dict(linestyle="--", marker="s", markersize=3)}.get(role, dict(linestyle="-."))
     if color and provider != "dense":
         style["color"] = color
     return style
@@ -413,7 +416,8 @@ def layer_plots(rows: Sequence[Row], gpu: str, preset: str, plots_dir: Path) -> 
     plt = _mpl()
     kinds = ordered((r["kind"] for r in rows), KIND_ORDER)
     patterns = ordered(r["pattern"] for r in rows)
-    colors = _colors(sort_providers(r["provider"] for r in rows if r.get("status") == "ok"))
+    roles = roles_of(rows)
+    colors = _colors(sort_providers((r["provider"] for r in rows if r.get("status") == "ok"), roles))
     written = []
     for what in ("speedup", "bandwidth"):
         fig, axes = plt.subplots(len(kinds), len(patterns), figsize=(4.2 * len(patterns), 3.2 * len(kinds)),
@@ -422,7 +426,7 @@ def layer_plots(rows: Sequence[Row], gpu: str, preset: str, plots_dir: Path) -> 
             for j, pattern in enumerate(patterns):
                 ax = axes[i][j]
                 sub = [r for r in rows if r["kind"] == kind and r["pattern"] == pattern and r.get("status") == "ok"]
-                for provider in sort_providers(r["provider"] for r in sub):
+                for provider in sort_providers((r["provider"] for r in sub), roles):
                     pts = sorted((int(r["M"]), r) for r in sub if r["provider"] == provider)
                     if what == "speedup":
                         xy = [(m, num(r.get("speedup_vs_dense"))) for m, r in pts]
@@ -432,7 +436,7 @@ def layer_plots(rows: Sequence[Row], gpu: str, preset: str, plots_dir: Path) -> 
                     xy = [(x, y) for x, y in xy if y is not None]
                     if xy:
                         ax.plot([x for x, _ in xy], [y for _, y in xy], label=provider,
-                                **_style(provider, colors.get(provider)))
+                                **_style(provider, roles[provider], colors.get(provider)))
                 if what == "speedup":
                     ax.axhline(1.0, color="grey", linewidth=0.8)
                 else:
@@ -485,6 +489,7 @@ def _sources(rows: Sequence[Row], by_name: Dict[str, CsvFile], md_dir: Path) -> 
 
 def e2e_section(files: Sequence[CsvFile], md_dir: Path, plots_dir: Path, plots: List[Path]) -> List[str]:
     rows = merge_e2e(files)
+    roles = roles_of(rows)
     by_name = {cf.path.name: cf for cf in files}
     gpu = rows[0].get("gpu_name", "?")
     out = [f"### End-to-end benchmark on {gpu}", "",
@@ -510,7 +515,7 @@ def e2e_section(files: Sequence[CsvFile], md_dir: Path, plots_dir: Path, plots: 
                 if not cand:
                     continue
                 r = cand[0]
-                body.append([dtype, provider, pattern, role(provider), fmt_mib(r["weight_bytes"]),
+                body.append([dtype, provider, pattern, roles[provider], fmt_mib(r["weight_bytes"]),
                              fmt_ratio(r.get("weight_ratio_vs_dense")), fmt_mib(r.get("mlp_weight_bytes")),
                              fmt_ratio(r.get("mlp_weight_ratio_vs_dense")), r.get("ranks", "")])
         out += md_table(["dtype", "provider", "pattern", "role", "model MiB", "× dense", "MLP MiB", "MLP × dense",
@@ -534,7 +539,7 @@ def e2e_section(files: Sequence[CsvFile], md_dir: Path, plots_dir: Path, plots: 
                         if r is not None and r.get("status") == "ok" and fmt_ratio(r.get("speedup_vs_dense")):
                             c += f" ({fmt_ratio(r.get('speedup_vs_dense'))}×)"
                         cells.append(c)
-                    body.append([provider, pattern, role(provider)] + cells)
+                    body.append([provider, pattern, roles[provider]] + cells)
                 out += md_table(["provider", "pattern", "role"] + [f"batch {b}" for b in batches], body, align_left=3)
                 out += reasons_lines(sub)
             # peak memory of the run
@@ -573,6 +578,7 @@ def e2e_section(files: Sequence[CsvFile], md_dir: Path, plots_dir: Path, plots: 
 
 def e2e_plot(rows: Sequence[Row], gpu: str, model: str, plots_dir: Path) -> Optional[Path]:
     ok = [r for r in rows if r.get("status") == "ok" and num(r.get("speedup_vs_dense")) is not None]
+    roles = roles_of(rows)
     if not ok or not _PLOTS_ENABLED:
         return None
     plt = _mpl()
@@ -590,7 +596,8 @@ def e2e_plot(rows: Sequence[Row], gpu: str, model: str, plots_dir: Path) -> Opti
                 pts = sorted((int(r["batch"]), num(r["speedup_vs_dense"])) for r in sub
                              if (r["provider"], r["pattern"]) == (provider, pattern))
                 label = label_of[(provider, pattern)]
-                ax.plot([b for b, _ in pts], [s for _, s in pts], label=label, **_style(provider, colors.get(label)))
+                ax.plot([b for b, _ in pts], [s for _, s in pts], label=label,
+                        **_style(provider, roles[provider], colors.get(label)))
             ax.axhline(1.0, color="grey", linewidth=0.8)
             _log2_axis(ax, sorted({int(r["batch"]) for r in rows}))
             ax.set_title(f"{dtype}, {mode}", fontsize=9)
