@@ -419,3 +419,17 @@ def test_peers_have_faces_and_compute_the_layer(monkeypatch):
     assert peers.PEERS["rtn_int8_test"].faces == ("quality",)
     assert list(peers.peers_with("quality")) == ["rtn_int8_test"]
     assert "rtn_int8_test" not in peers.PROVIDERS
+
+
+def test_cli_summary_names_skipped_providers_once(tiny_run):
+    """`fips-kernels bench --tiny`: no table line of dashes only; each skipped provider once, with its reasons."""
+    rows, stdout = tiny_run
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("speed-up over dense"))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("skipped"))
+    table = [line for line in lines[start + 2:end] if line.strip()]
+    assert table and not any(set(line.split()[-3:]) == {"-"} for line in table)
+    never_ran = {r["provider"] for r in rows} - {r["provider"] for r in rows if r["status"] == "ok"}
+    listed = [line.split()[0] for line in lines[end + 1:] if line.startswith("  ")]
+    assert sorted(set(listed) & never_ran) == sorted(never_ran) and len(listed) == len(set(listed))
+    assert len(lines) < 130  # it was ~230 with a line of dashes per skipped provider and point

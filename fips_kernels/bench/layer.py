@@ -82,6 +82,7 @@ class BenchConfig:
     notes: Tuple[str, ...] = ()
     scopes: Tuple[str, ...] = ("layer", "group")
     group_providers: Tuple[str, ...] = tuple(GROUP_PROVIDERS)
+    append: bool = False  # add the rows to an existing CSV of this benchmark (several sweeps, one file)
 
     @property
     def points(self) -> int:
@@ -151,7 +152,7 @@ def resolve_config(*, presets: Optional[Sequence[str]] = None, patterns: Optiona
                    rep_ms: Optional[float] = None, reps: Optional[int] = None, seed: int = 0,
                    check: bool = True, progress: bool = True,
                    scopes: Optional[Sequence[str]] = None,
-                   group_providers: Optional[Sequence[str]] = None) -> BenchConfig:
+                   group_providers: Optional[Sequence[str]] = None, append: bool = False) -> BenchConfig:
     """Validate the arguments of a sweep and fill in the defaults.
 
     Without CUDA and without a choice of presets or M, the tiny sweep runs on
@@ -208,11 +209,13 @@ def resolve_config(*, presets: Optional[Sequence[str]] = None, patterns: Optiona
         out_path = Path(out)
         if out_path.is_dir():
             raise BenchError(f"--out {out} is a directory; give a file name")
+    if append and not out:
+        raise BenchError("appending needs --out (the CSV to add the rows to)")
     chosen_scopes = _choose("scope", scopes, SCOPES, SCOPES)
     chosen_group = _choose("group provider", group_providers, GROUP_PROVIDERS, GROUP_PROVIDERS)
     chosen_group = ("dense",) + tuple(p for p in chosen_group if p != "dense")  # the group's baseline
     return BenchConfig(chosen_presets, chosen_patterns, chosen_ms, chosen_providers, torch_dtype, dev,
-                       out_path, timing, seed, check, progress, tuple(notes), chosen_scopes, chosen_group)
+                       out_path, timing, seed, check, progress, tuple(notes), chosen_scopes, chosen_group, append)
 
 
 # ---------------------------------------------------------------- the sweep
@@ -287,7 +290,8 @@ def _run(config: BenchConfig, log: Callable[[str], None]) -> List[Dict[str, str]
 
 
 def _run_sweep(config, common, itemsize, bw, peak, rows, bar) -> None:
-    with RowWriter(config.out, COLUMNS, on_row=lambda row: (rows.append(row), bar.update(1))) as writer, \
+    with RowWriter(config.out, COLUMNS, on_row=lambda row: (rows.append(row), bar.update(1)),
+                   append=config.append) as writer, \
             torch.no_grad():
         emit = writer.emit
         for preset_name in config.presets:

@@ -108,6 +108,11 @@ class _TritonStrategy(Provider):
     strategy = "?"
     role = OURS
 
+    @property
+    def triton_strategy(self) -> str:
+        """The Triton strategy this provider forces (:func:`.triton_launches.row_launches` counts its kernels)."""
+        return self.strategy
+
     def not_supported_reasons(self, device, dtype, pattern):
         import os
 

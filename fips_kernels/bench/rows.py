@@ -33,15 +33,25 @@ def describe(exc: BaseException) -> str:
 
 class RowWriter:
     """Writes ``columns`` of each emitted row to ``path`` (header first) and keeps
-    the formatted rows in :attr:`rows`. Use as a context manager."""
+    the formatted rows in :attr:`rows`. ``append``: add to an existing CSV with
+    the same header (the header is written only into an empty file). Use as a
+    context manager."""
 
-    def __init__(self, path: Path, columns: Sequence[str], on_row: Optional[Callable[[Dict[str, str]], None]] = None):
+    def __init__(self, path: Path, columns: Sequence[str], on_row: Optional[Callable[[Dict[str, str]], None]] = None,
+                 append: bool = False):
         self.path, self.columns, self.on_row = Path(path), tuple(columns), on_row
         self.rows: List[Dict[str, str]] = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "w", newline="")
+        fresh = not append or not self.path.exists() or self.path.stat().st_size == 0
+        if not fresh:
+            with open(self.path, newline="") as f:
+                header = next(csv.reader(f), [])
+            if tuple(header) != self.columns:
+                raise ValueError(f"{self.path}: cannot append, its columns differ from this benchmark's")
+        self._f = open(self.path, "w" if fresh else "a", newline="")
         self._writer = csv.DictWriter(self._f, fieldnames=self.columns)
-        self._writer.writeheader()
+        if fresh:
+            self._writer.writeheader()
         self._f.flush()
 
     def emit(self, row: Dict[str, object]) -> Dict[str, str]:
