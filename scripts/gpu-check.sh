@@ -29,7 +29,8 @@
 #   memcheck  by 473 s  compute-sanitizer memcheck over scripts/sanitize_sparse_mm.py with
 #                       PYTORCH_NO_CUDA_MEMORY_CACHING=1; "Device not supported" (gVisor) is SKIPPED
 #   summary             the stage table and the files in $OUT
-# A stage stopped at its deadline is PARTIAL, not FAILED: its rows and test results so far are in $OUT. The exit
+# A stage near its deadline gets SIGINT (10 s before: a benchmark stops between rows), SIGKILL at it. A stage
+# stopped at its deadline is PARTIAL, not FAILED: its rows and test results so far are in $OUT. The exit
 # status is 1 only if a stage FAILED. $OUT gets at most 8 files, none in a folder: env.txt, build.log, tests.log,
 # bench.log, summary.txt, layer_*.csv, layer-tuned_*.csv, triton_configs_*.json.
 # Then, here: python3 benchmarks/report.py --import <files_at> (copies the CSVs into benchmarks/results/, merges

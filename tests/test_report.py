@@ -364,3 +364,23 @@ def test_roles_come_from_the_csv():
     assert roles == {"cuda_factored": "ours", "dense": "baseline", "fips_new_peer": "peer", "old": "?"}
     assert report.sort_providers(["old", "fips_new_peer", "cuda_factored", "dense"], roles) == [
         "dense", "cuda_factored", "fips_new_peer", "old"]
+
+
+def test_import_merges_tuned_configs_and_reports_tuned_rows_apart(tmp_path):
+    """gpu-check.sh's tuned stage: its configs go into the package's table, its rows into a section of their own."""
+    src = tmp_path / "gpu-check-out"
+    src.mkdir()
+    _write(src / "layer_SYNTHETIC_1.csv", COLUMNS, synthetic_layer_rows())
+    _write(src / "layer-tuned_SYNTHETIC_1.csv", COLUMNS, synthetic_layer_rows(seed=5))
+    entry = {"key": {"M_BUCKET": 16}, "config": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}}
+    (src / "triton_configs_SYNTHETIC.json").write_text(json.dumps({"gpu": GPU, "source": "synthetic",
+                                                                    "configs": [entry]}))
+    table = tmp_path / "triton_configs.json"
+    table.write_text(json.dumps({"default": {"source": "not measured", "configs": []}}))
+    results = tmp_path / "results"
+    report.import_run(src, results, log=lambda s: None, triton_configs=table)
+    assert json.loads(table.read_text())[GPU]["configs"] == [entry]
+    report.build(results, tmp_path / "B.md", tmp_path / "plots", plots_enabled=False)
+    tables = _tables((tmp_path / "B.md").read_text())
+    assert "layer_SYNTHETIC_1.csv" in tables[f"layer-speedup gpu={SLUG} preset=deit-b kind=expand"][0]
+    assert "layer-tuned_SYNTHETIC_1.csv" in tables[f"layer-tuned-speedup gpu={SLUG} preset=deit-b kind=expand"][0]
