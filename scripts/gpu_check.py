@@ -312,10 +312,13 @@ def stage_tests(run: Run, stage: Stage) -> Tuple[str, str]:
     if run.built:
         env["FIPS_KERNELS_REQUIRE_EXTENSION"] = "1"
     start = log.stat().st_size if log.exists() else 0
-    rc, timed_out = run.call([run.py, "-m", "pytest", "-q", "-n", str(TEST_WORKERS), f"--maxfail={MAXFAIL}",
+    xdist = "xdist" in _probe(run, "import importlib.util as u; print('xdist' if u.find_spec('xdist') else 'none')")
+    workers = ["-n", str(TEST_WORKERS)] if xdist else []  # without pytest-xdist: one process, said below
+    rc, timed_out = run.call([run.py, "-m", "pytest", "-q", *workers, f"--maxfail={MAXFAIL}",
                               "-p", "no:cacheprovider", "-p", "gpu_check_pytest", *files], log, run.left(stage), env)
     counts = _test_counts(log, start)
     detail = ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "no test result"
+    detail += "" if xdist else " (pytest-xdist missing: one process)"
     if counts["failed"] or counts["error"]:
         return "FAILED", detail + (" (stopped at its deadline)" if timed_out else "") + "; see tests.log"
     if timed_out:

@@ -95,7 +95,7 @@ if args[:2] == ["-m", "pip"]:
     print("Successfully installed fips_kernels (stub)")
 elif args[0] == "-c":
     code = args[1]
-    print("extension available: True" if "_extension" in code else
+    print("extension available: True" if "_extension" in code else "xdist" if "xdist" in code else
           "9.0" if "get_device_capability" in code and "platform" not in code else "python 3.12 torch 2.11 (stub)")
 elif args[:2] == ["-m", "pytest"]:
     assert "-n" in args and any(a.startswith("--maxfail") for a in args) and "-x" not in args, args
