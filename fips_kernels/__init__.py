@@ -17,14 +17,12 @@ from . import dispatch, reference  # noqa: E402
 from .dispatch import BackendUnavailable, use_backend  # noqa: E402
 from .formats import FormatError, SparseFactor  # noqa: E402
 from .io import CheckpointError, load, save  # noqa: E402
-from .modules import (  # noqa: E402
-    FiPSGroup,
-    FiPSLinear,
-    SharedBase,
-    factorize_group,
-    install,
-    rank_for_budget,
-)
+from .meta import empty_weights  # noqa: E402
+from . import hf  # noqa: E402  (never imports transformers: the quantizer registers when transformers loads it)
+from .hf import from_pretrained, save_pretrained  # noqa: E402
+from .modules import FiPSGatedMLP, FiPSGroup, FiPSLinear, SharedBase, install, prepare  # noqa: E402
+from .budget import rank_for_budget  # noqa: E402
+from .factorize import factorize_group  # noqa: E402
 from .ops import fips_linear, gate_up, reconstruct  # noqa: E402
 from . import pgd  # noqa: E402
 from . import hashed  # noqa: E402  (registers the fips_kernels::hashed_* ops; never imports triton)
@@ -32,6 +30,8 @@ from .hashed import HashedEmbedding, HashedLinear, HashedMemory, scale_gradients
 from . import compress  # noqa: E402  (callable: fips_kernels.compress(model, ...); timm/transformers load lazily)
 
 __version__ = "0.1.0"
+
+hf.install()  # `import fips_kernels` makes AutoModel.from_pretrained(DIR) load FiPS directories
 
 __all__ = [
     "BackendUnavailable",
@@ -43,16 +43,21 @@ __all__ = [
     "pgd",
     "scale_gradients",
     "CheckpointError",
+    "FiPSGatedMLP",
     "FiPSGroup",
     "FiPSLinear",
     "FormatError",
     "SharedBase",
     "SparseFactor",
     "dispatch",
+    "empty_weights",
+    "from_pretrained",
+    "save_pretrained",
     "factorize_group",
     "fips_linear",
     "install",
     "load",
+    "prepare",
     "rank_for_budget",
     "reconstruct",
     "reference",

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import FiPSGroup, FiPSLinear, SharedBase, install
+from ..fusion import activation_sites, gated_sites
 from .cases import random_layers
 from .e2e_config import ModelSpec
 from .peers import PEERS, DenseBaseline
@@ -30,7 +31,7 @@ from .shapes import BUDGET, PATTERNS, Pattern, group_rank
 __all__ = ["mlp_groups", "GatedMLP", "MLPStack", "ModelUnderTest", "timm_module"]
 
 # Where each variant registers the tensors its layers share (one base per group).
-SHARED_ATTRS = ("fips_bases", "e2e_shared")
+SHARED_ATTRS = ("e2e_shared",)
 
 
 def timm_module():
@@ -129,6 +130,11 @@ class ModelUnderTest:
         build = _image_model if spec.task == "images" else _decode_model
         model, self.input_shape, self.slots = build(spec, device)
         self.model = model.to(dtype=dtype).eval().requires_grad_(False)
+        # install() fuses (an activation module becomes Identity, a gated MLP a FiPSGatedMLP): the
+        # modules it may replace, to put back before the dense and peer variants
+        paths = [path for slot in self.slots for path, *_ in slot]
+        self._unfused = {site.act: self.model.get_submodule(site.act) for site in activation_sites(self.model, paths)}
+        self._unfused.update({site.mlp: self.model.get_submodule(site.mlp) for site in gated_sites(self.model, paths)})
         self.variant: Tuple[str, str] = ("", "")
         self.ranks: List[int] = []
 
@@ -138,6 +144,8 @@ class ModelUnderTest:
         setattr(self.model.get_submodule(parent), name, module)
 
     def _clear_shared(self) -> None:
+        for path, module in self._unfused.items():  # undo the last FiPS variant's fusions
+            self._set(path, module)
         for name in SHARED_ATTRS:
             if hasattr(self.model, name):
                 delattr(self.model, name)
@@ -185,7 +193,7 @@ class ModelUnderTest:
     def install_peer(self, provider: str, groups: List[Tuple[SharedBase, List[FiPSLinear]]],
                      pattern: Pattern) -> None:
         """Replace the installed FiPS ``groups`` by ``provider``'s form of the same factors."""
-        self._clear_shared()  # drops fips_bases; the FiPS layers still hold their bases until replaced
+        self._clear_shared()  # the FiPS layers still hold their bases until replaced
         self.model.e2e_shared = nn.ModuleList()
         for (base, layers), slot in zip(groups, self.slots):
             shared, mods = PEERS[provider].replace(base, layers)

@@ -61,12 +61,8 @@ def factored_flops(case: LayerCase, M: int) -> int:
 
 
 def dispatched_backend(layer, M: int) -> str:
-    """The backend dispatch picks when the FiPS ``layer`` runs on ``M`` rows
-    (the problem the op builds, see ``ops.py``)."""
-    f = layer.factor
-    p = dispatch.Problem(layer.kind, f.format, f.dtype, layer.U.device, M, *f.shape, *layer.U.shape,
-                         tuple(int(v) for v in f.meta), "", layer.base.quantized)
-    return dispatch.select(p).name
+    """The backend dispatch picks when the FiPS ``layer`` runs on ``M`` rows (the problem the op builds)."""
+    return dispatch.select(layer.dispatch_problem(M)).name
 
 
 # ---------------------------------------------------------------- this package
@@ -151,10 +147,10 @@ class TritonReconstruct(_TritonStrategy):
 
 
 def forced_strategy_run(strategies, kind: str, U, factor, bias: Optional[torch.Tensor], strategy: str) -> Callable:
-    """``x -> y`` of one layer (``U`` the base operand, ``factor`` its B) through a
-    backend's strategies module with ``strategy`` forced: what the ``triton_*``
-    and ``cuda_*`` providers time (and what ``scripts/gpu_check.py --plan``
-    drives to count the Triton kernels they compile)."""
+    """``x -> y`` of one layer (``U`` the base operand, ``factor`` its B) through a backend's
+    ``StrategySet`` (``fips_kernels.<backend>.strategies.STRATEGIES``) with ``strategy`` forced: what the
+    ``triton_*`` and ``cuda_*`` providers time (and what ``scripts/gpu_check.py --plan`` drives to count
+    the Triton kernels they compile)."""
     if kind == "expand":
         return lambda x: strategies.expand(x, U, factor, bias, strategy=strategy)
     return lambda x: strategies.contract(x, U, factor, bias, strategy=strategy)
@@ -163,7 +159,7 @@ def forced_strategy_run(strategies, kind: str, U, factor, bias: Optional[torch.T
 def _layer_run(strategies, case: LayerCase, strategy: str) -> Callable:
     layer = case.layer
     bias = layer.bias.detach() if layer.bias is not None else None
-    return forced_strategy_run(strategies, case.kind, layer.base.operand, case.factor, bias, strategy)
+    return forced_strategy_run(strategies.STRATEGIES, case.kind, layer.base.operand, case.factor, bias, strategy)
 
 
 class _CudaStrategy(Provider):

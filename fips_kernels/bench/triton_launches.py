@@ -299,7 +299,7 @@ def row_launches(config, target: Target = H200) -> LaunchRecorder:
                         prov = PROVIDERS[name]
                         if prov.not_supported_reasons(torch.device("cuda"), config.dtype, pattern_name):
                             continue
-                        run = forced_strategy_run(strategies, kind, U, factor, bias, prov.triton_strategy)
+                        run = forced_strategy_run(strategies.STRATEGIES, kind, U, factor, bias, prov.triton_strategy)
                         for M in config.ms:
                             run(torch.empty(M, in_f, dtype=config.dtype, device="meta"))
     return rec

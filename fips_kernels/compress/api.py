@@ -4,7 +4,7 @@
    groups of ``group_size`` consecutive blocks within a stage;
 2. record every unit's inputs and outputs on the calibration data, and the
    model's final outputs on the held-back batches (:mod:`.calibration`);
-3. per group: rank from the budget (:func:`~fips_kernels.modules.group_rank`),
+3. per group: rank from the budget (:func:`~fips_kernels.budget.group_rank`),
    SVD init, block-wise training with gradual magnitude pruning or RigL
    (:mod:`.train`, :mod:`.schedule`); finished groups go to the state
    directory at once (:mod:`.state`); under ``torchrun`` each rank trains its
@@ -23,19 +23,20 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..formats import FormatError
-from ..modules import group_rank, install, resolve_sparsity
+from ..budget import group_rank, resolve_sparsity
+from ..formats import PATTERN_FORMATS, QUANT_FORMATS, FormatError
+from ..modules import fusion_report, install
 from . import calibration, distributed
-from ..formats import QUANT_FORMATS
-from .factors import default_format, pack_group
+from .config import CompressConfig, merge
+from .factors import pack_group
 from .presets import GroupSpec, Preset, find_units, make_groups, resolve_preset
 from .report import CompressionReport, GroupReport, output_agreement
 from .state import ResumeState, weights_digest
 from .train import GroupResult, TrainConfig, train_group
 
-__all__ = ["compress"]
+__all__ = ["compress", "CompressConfig"]
 
-PATTERN_FORMATS = {"unstructured": ("bitmap", "csr"), "nm": ("nm",), "dense": ("dense",)}
+COMPRESS_PATTERNS = ("unstructured", "nm", "dense")  # the training schedules handle these kinds
 FACTOR_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
                  "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -79,10 +80,10 @@ def _check_args(budget, steps, pattern, sparsity, format, pruning, mask_scope, n
         raise
     except ValueError as exc:
         raise ValueError(f"compress: {exc}") from None
-    if pat[0] not in PATTERN_FORMATS:
+    if pat.kind not in COMPRESS_PATTERNS:
         raise ValueError(f"compress: pattern {pattern!r} is not supported here; use 'unstructured', an N:M pattern "
                          f"such as '1:4' or '2:4', or 'dense'")
-    fmt = format or default_format(pat[0])
+    fmt = format or pat.default_format
     if fmt not in PATTERN_FORMATS[pat[0]]:
         raise ValueError(f"compress: format {fmt!r} does not fit pattern {pattern!r} "
                          f"(use {' or '.join(PATTERN_FORMATS[pat[0]])})")
@@ -117,6 +118,9 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
              base_qbits: Optional[int] = None,
              factor_dtype: Union[None, str, torch.dtype] = None) -> Tuple[nn.Module, CompressionReport]:
     """Compress the MLPs of ``model`` with FiPS, in place; returns ``(model, report)``.
+
+    ``compress(model, config, calib_data=...)`` takes the settings as one
+    :class:`~.config.CompressConfig` instead (keywords given beside it override its fields).
 
     Args:
         model: a trained model (timm ViT/DeiT/Swin, a Hugging Face BERT-family encoder,
@@ -177,6 +181,8 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
             16-bit factors. The per-unit errors on the training batches are the fp32
             factors' (measured before packing).
     """
+    if isinstance(budget, CompressConfig):  # compress(model, config, ...): the config, then explicit keywords
+        return compress(model, **merge(compress, budget, {k: v for k, v in locals().items() if k != "model"}))
     t_start = time.perf_counter()
     pat, sparsity, fmt = _check_args(budget, steps, pattern, sparsity, format, pruning, mask_scope, nm_schedule,
                                      prune_every, prune_end, lr)
@@ -205,6 +211,7 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
         train_batches, held = batches, calibration.as_batches(eval_data, batch_size)
     else:
         train_batches, held = calibration.split_holdout(batches, holdout)
+    distributed.check_same_inputs(model, [*train_batches, *held])  # every rank: the same model and data
     forward = forward or calibration.model_forward
     first = model.get_submodule(groups[0].linears[0])
     dtype, device = first.weight.dtype, first.weight.device
@@ -302,6 +309,7 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
             install(model, fgroup, g.linears)
             report.groups.append(_group_report(g, res, fgroup, fmt, dtype, g.index in all_resumed))
         params_after = sum(p.numel() for p in model.parameters())
+        report.fusion = fusion_report(model)
         report.model_parameters = {"before": params_before, "after": params_after}
         report.calibration = {"train_batches": len(train_batches),
                               "train_samples": sum(calibration.batch_size_of(b) for b in train_batches),
@@ -382,5 +390,6 @@ def _group_report(spec: GroupSpec, res: GroupResult, fgroup, fmt: str, dtype, re
         dense_bytes=spec.dense_parameters * itemsize, bytes=fgroup.nbytes() - bias_bytes,
         errors_init=[dict(e, unit=u.name) for e, u in zip(res.errors_init, spec.units)],
         errors_final=[dict(e, unit=u.name) for e, u in zip(res.errors_final, spec.units)],
-        loss_first=res.losses[0][1] if res.losses else None, loss_last=res.losses[-1][1] if res.losses else None,
+        train_loss_first_step=res.losses[0][1] if res.losses else None,
+        train_loss_last_step=res.losses[-1][1] if res.losses else None,
         seconds=res.seconds, resumed=resumed, process=res.process)
