@@ -16,7 +16,9 @@ Without a GPU CSV the report says so and holds no numbers.
   speed-up over dense ``F.linear`` and % of roofline by M for every provider
   (ours next to the peers and the dense baseline); the dense time;
   plots of speed-up vs M and of achieved bandwidth (bytes / time) against the
-  run's measured copy bandwidth.
+  run's measured copy bandwidth. ``layer-tuned_*.csv`` (``scripts/gpu-check.sh``'s
+  autotuned rows) get a section of their own. Each provider's role (ours,
+  peer, baseline) is the CSV's ``role`` column.
 * end-to-end benchmark (``fips-kernels bench-e2e``, ``e2e_*.csv``): per GPU,
   the rows of every file (a point measured in several files: the newest ok
   row): weight memory per variant, throughput and speed-up per model, dtype,
@@ -44,24 +46,27 @@ RESULTS = REPO / "benchmarks" / "results"
 OUT_MD = REPO / "BENCHMARKS.md"
 PLOTS = REPO / "benchmarks" / "plots"
 PYBENCH_DIR = "pytest-benchmark"
+TUNED_PREFIX = "layer-tuned_"  # gpu-check.sh's autotuned rows: a section of their own
+TRITON_CONFIGS = REPO / "fips_kernels" / "tuning" / "triton_configs.json"
 
 META = ("gpu_name", "driver", "torch", "triton", "cuda", "date", "commit")
 KIND_ORDER = ("expand", "contract", "group")
 MODE_ORDER = ("eager", "cudagraph", "compile", "compile-cudagraph")
-OURS_EXACT = {"reference"}
-OURS_PREFIX = ("fips", "triton", "hashed")
+ROLE_ORDER = ("baseline", "ours", "peer")  # the benchmark's roles (fips_kernels/bench/registry.py)
+UNKNOWN_ROLE = "?"
 PROVIDER_ORDER = ("dense", "fips", "fips_gate_up", "triton_factored", "triton_reconstruct", "reference",
                   "two_gemm", "csr_rebuild", "semi_structured_24")
 
 Row = Dict[str, str]
 
 
-def is_ours(provider: str) -> bool:
-    return provider in OURS_EXACT or provider.startswith(OURS_PREFIX)
-
-
-def role(provider: str) -> str:
-    return "baseline" if provider == "dense" else "ours" if is_ours(provider) else "peer"
+def roles_of(rows: Iterable[Row]) -> Dict[str, str]:
+    """``provider -> role`` from the CSV's ``role`` column, which the benchmark writes from the
+    registry entry that made each row (``?`` for a CSV written before the column existed)."""
+    out: Dict[str, str] = {}
+    for r in rows:
+        out.setdefault(r["provider"], r.get("role") or UNKNOWN_ROLE)
+    return out
 
 
 # ---------------------------------------------------------------- formatting (shared with tests/test_report.py)
@@ -204,12 +209,21 @@ def machine_id(data: dict) -> str:
     return f"{info.get('system', 'Unknown')}-{info.get('python_implementation', 'Python')}-{version}-64bit"
 
 
-def import_run(src: Path, results: Path, log=print) -> List[Path]:
+def _merge_triton_configs(path: Path, table: Path):
+    sys.path.insert(0, str(REPO))
+    from fips_kernels.tuning.triton_configs import merge
+
+    return merge(path, table)
+
+
+def import_run(src: Path, results: Path, log=print, triton_configs: Path = TRITON_CONFIGS) -> List[Path]:
     """Copy a GPU run's outputs (``gpu-check.sh``'s ``$OUT``) into ``results``:
-    ``layer_*.csv`` and ``e2e_*.csv`` with GPU rows as they are;
+    ``layer_*.csv``, ``layer-tuned_*.csv`` and ``e2e_*.csv`` with GPU rows as they are;
     ``pytest-benchmark_*.json`` into pytest-benchmark's storage layout
     (``pytest-benchmark/<machine id>/<NNNN>_<name>.json``), so that
-    ``--benchmark-compare`` finds it. Returns the paths written."""
+    ``--benchmark-compare`` finds it; ``triton_configs_<gpu>.json`` (the tuned
+    stage's choices) merged into ``triton_configs`` (the package's per-GPU
+    table). Returns the paths written."""
     written = []
     results.mkdir(parents=True, exist_ok=True)
     for path in sorted(src.glob("*.csv")):
@@ -227,6 +241,10 @@ def import_run(src: Path, results: Path, log=print) -> List[Path]:
         shutil.copyfile(path, dest)
         written.append(dest)
         log(f"copied {path.name} -> {dest}")
+    for path in sorted(src.glob("triton_configs_*.json")):  # gpu-check.sh's tuned stage
+        gpu, n = _merge_triton_configs(path, triton_configs)
+        written.append(triton_configs)
+        log(f"merged {path.name} into {triton_configs} ({gpu}: {n} configs)")
     for path in sorted(src.glob("pytest-benchmark*.json")):
         try:
             data = json.loads(path.read_text())
@@ -257,10 +275,11 @@ def ordered(values: Iterable[str], order: Sequence[str] = ()) -> List[str]:
     return [v for v in order if v in seen] + [v for v in seen if v not in order]
 
 
-def sort_providers(names: Iterable[str]) -> List[str]:
+def sort_providers(names: Iterable[str], roles: Dict[str, str]) -> List[str]:
+    """The baseline, ours, then the peers (each in PROVIDER_ORDER, then first seen)."""
     names = ordered(names, PROVIDER_ORDER)
-    rank = {"baseline": 0, "ours": 1, "peer": 2}
-    return sorted(names, key=lambda n: (rank[role(n)], names.index(n)))
+    rank = {r: i for i, r in enumerate(ROLE_ORDER)}
+    return sorted(names, key=lambda n: (rank.get(roles.get(n, UNKNOWN_ROLE), len(rank)), names.index(n)))
 
 
 def rel(path: Path, start: Path) -> str:
@@ -299,11 +318,15 @@ def reasons_lines(rows: Sequence[Row]) -> List[str]:
 
 # ---------------------------------------------------------------- layer section
 
-def layer_section(cf: CsvFile, md_dir: Path, plots_dir: Path, plots: List[Path]) -> List[str]:
+def layer_section(cf: CsvFile, md_dir: Path, plots_dir: Path, plots: List[Path], tuned: bool = False) -> List[str]:
+    """The tables and plots of one layer CSV; ``tuned``: gpu-check.sh's autotuned rows (``layer-tuned_*.csv``)."""
     rows = cf.gpu_rows
+    roles = roles_of(rows)
     src = f"[{cf.path.name}]({rel(cf.path, md_dir)})"
     gpu = rows[0].get("gpu_name", "?")
-    out = [f"### Layer benchmark on {gpu}", "",
+    kind_tag = "layer-tuned" if tuned else "layer"
+    what_run = ", Triton configs autotuned (gpu-check.sh's tuned stage)" if tuned else ""
+    out = [f"### Layer benchmark on {gpu}{what_run}", "",
            f"Source: {src} (`fips-kernels bench`; columns: "
            f"[benchmarks/results/README.md]({rel(RESULTS / 'README.md', md_dir)})).", ""]
     out += metadata_lines(rows, (("dtype", "dtype", str), ("measured copy bandwidth (GB/s)", "bandwidth_GBps", fmt_gbps),
@@ -325,14 +348,14 @@ def layer_section(cf: CsvFile, md_dir: Path, plots_dir: Path, plots: List[Path])
             for what, column, fmt in (("speed-up over dense (dense time / time)", "speedup_vs_dense", fmt_ratio),
                                       ("% of roofline (roofline time / time)", "frac_of_roofline", fmt_pct)):
                 tag = "speedup" if column == "speedup_vs_dense" else "roofline"
-                out += [f"<!-- table: layer-{tag} gpu={slug(gpu)} preset={preset} kind={kind} -->",
+                out += [f"<!-- table: {kind_tag}-{tag} gpu={slug(gpu)} preset={preset} kind={kind} -->",
                         f"**{preset}, {title}: {what}, by M.** Source: {src}, rows preset={preset}, kind={kind}.", ""]
                 body = []
                 for pattern in ordered(r["pattern"] for r in krow):
                     pat_rows = [r for r in krow if r["pattern"] == pattern]
-                    for provider in sort_providers(r["provider"] for r in pat_rows):
+                    for provider in sort_providers((r["provider"] for r in pat_rows), roles):
                         by_m = {int(r["M"]): r for r in pat_rows if r["provider"] == provider}
-                        body.append([pattern, provider, role(provider)] + [cell(by_m.get(m), column, fmt) for m in ms])
+                        body.append([pattern, provider, roles[provider]] + [cell(by_m.get(m), column, fmt) for m in ms])
                         if column == "speedup_vs_dense" and provider == "fips":
                             backends = [by_m[m].get("backend", "") if m in by_m else "" for m in ms]
                             if any(backends):
@@ -341,7 +364,7 @@ def layer_section(cf: CsvFile, md_dir: Path, plots_dir: Path, plots: List[Path])
                 out += reasons_lines(krow) if column == "speedup_vs_dense" else []
                 out.append("")
         # dense time per kind and pattern
-        out += [f"<!-- table: layer-dense-time gpu={slug(gpu)} preset={preset} -->",
+        out += [f"<!-- table: {kind_tag}-dense-time gpu={slug(gpu)} preset={preset} -->",
                 f"**{preset}: dense `F.linear` time (ms), by M.** Source: {src}, rows preset={preset}, provider=dense.", ""]
         dense = [r for r in prow if r["provider"] == "dense"]
         ms = sorted({int(r["M"]) for r in dense})
@@ -352,7 +375,7 @@ def layer_section(cf: CsvFile, md_dir: Path, plots_dir: Path, plots: List[Path])
                 body.append([kind, pattern] + [cell(by_m.get(m), "time_ms", fmt_ms) for m in ms])
         out += md_table(["kind", "pattern"] + [f"M={m}" for m in ms], body, align_left=2)
         out.append("")
-        for name, path in layer_plots(prow, gpu, preset, plots_dir):
+        for name, path in layer_plots(prow, gpu, preset, plots_dir, kind_tag):
             plots.append(path)
             out += [f"![{name}]({rel(path, md_dir)})", ""]
     return out
@@ -384,10 +407,10 @@ def _colors(labels: Iterable[str]) -> Dict[str, str]:
     return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
 
 
-def _style(provider: str, color: Optional[str] = None) -> dict:
+def _style(provider: str, role: str, color: Optional[str] = None) -> dict:
     style = {"baseline": dict(color="black", linestyle=":", marker=None),
              "ours": dict(linestyle="-", marker="o", markersize=3),
-             "peer": dict(linestyle="--", marker="s", markersize=3)}[role(provider)]
+             "peer": dict(linestyle="--", marker="s", markersize=3)}.get(role, dict(linestyle="-."))
     if color and provider != "dense":
         style["color"] = color
     return style
@@ -406,14 +429,16 @@ def _log2_axis(ax, xs: Sequence[int]) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def layer_plots(rows: Sequence[Row], gpu: str, preset: str, plots_dir: Path) -> List[Tuple[str, Path]]:
+def layer_plots(rows: Sequence[Row], gpu: str, preset: str, plots_dir: Path,
+                prefix: str = "layer") -> List[Tuple[str, Path]]:
     """Speed-up vs M and achieved bandwidth vs M (with the measured copy bandwidth), one grid per preset."""
     if not _PLOTS_ENABLED:
         return []
     plt = _mpl()
     kinds = ordered((r["kind"] for r in rows), KIND_ORDER)
     patterns = ordered(r["pattern"] for r in rows)
-    colors = _colors(sort_providers(r["provider"] for r in rows if r.get("status") == "ok"))
+    roles = roles_of(rows)
+    colors = _colors(sort_providers((r["provider"] for r in rows if r.get("status") == "ok"), roles))
     written = []
     for what in ("speedup", "bandwidth"):
         fig, axes = plt.subplots(len(kinds), len(patterns), figsize=(4.2 * len(patterns), 3.2 * len(kinds)),
@@ -422,7 +447,7 @@ def layer_plots(rows: Sequence[Row], gpu: str, preset: str, plots_dir: Path) -> 
             for j, pattern in enumerate(patterns):
                 ax = axes[i][j]
                 sub = [r for r in rows if r["kind"] == kind and r["pattern"] == pattern and r.get("status") == "ok"]
-                for provider in sort_providers(r["provider"] for r in sub):
+                for provider in sort_providers((r["provider"] for r in sub), roles):
                     pts = sorted((int(r["M"]), r) for r in sub if r["provider"] == provider)
                     if what == "speedup":
                         xy = [(m, num(r.get("speedup_vs_dense"))) for m, r in pts]
@@ -432,7 +457,7 @@ def layer_plots(rows: Sequence[Row], gpu: str, preset: str, plots_dir: Path) -> 
                     xy = [(x, y) for x, y in xy if y is not None]
                     if xy:
                         ax.plot([x for x, _ in xy], [y for _, y in xy], label=provider,
-                                **_style(provider, colors.get(provider)))
+                                **_style(provider, roles[provider], colors.get(provider)))
                 if what == "speedup":
                     ax.axhline(1.0, color="grey", linewidth=0.8)
                 else:
@@ -457,7 +482,7 @@ def layer_plots(rows: Sequence[Row], gpu: str, preset: str, plots_dir: Path) -> 
                                                  else "achieved bandwidth vs the run's measured copy bandwidth"))
         fig.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.92, wspace=0.25, hspace=0.35)
         plots_dir.mkdir(parents=True, exist_ok=True)
-        path = plots_dir / f"layer_{what}_{slug(gpu)}_{slug(preset)}.png"
+        path = plots_dir / f"{prefix}_{what}_{slug(gpu)}_{slug(preset)}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append((f"{preset} {what}", path))
@@ -485,6 +510,7 @@ def _sources(rows: Sequence[Row], by_name: Dict[str, CsvFile], md_dir: Path) -> 
 
 def e2e_section(files: Sequence[CsvFile], md_dir: Path, plots_dir: Path, plots: List[Path]) -> List[str]:
     rows = merge_e2e(files)
+    roles = roles_of(rows)
     by_name = {cf.path.name: cf for cf in files}
     gpu = rows[0].get("gpu_name", "?")
     out = [f"### End-to-end benchmark on {gpu}", "",
@@ -510,7 +536,7 @@ def e2e_section(files: Sequence[CsvFile], md_dir: Path, plots_dir: Path, plots: 
                 if not cand:
                     continue
                 r = cand[0]
-                body.append([dtype, provider, pattern, role(provider), fmt_mib(r["weight_bytes"]),
+                body.append([dtype, provider, pattern, roles[provider], fmt_mib(r["weight_bytes"]),
                              fmt_ratio(r.get("weight_ratio_vs_dense")), fmt_mib(r.get("mlp_weight_bytes")),
                              fmt_ratio(r.get("mlp_weight_ratio_vs_dense")), r.get("ranks", "")])
         out += md_table(["dtype", "provider", "pattern", "role", "model MiB", "× dense", "MLP MiB", "MLP × dense",
@@ -534,7 +560,7 @@ def e2e_section(files: Sequence[CsvFile], md_dir: Path, plots_dir: Path, plots: 
                         if r is not None and r.get("status") == "ok" and fmt_ratio(r.get("speedup_vs_dense")):
                             c += f" ({fmt_ratio(r.get('speedup_vs_dense'))}×)"
                         cells.append(c)
-                    body.append([provider, pattern, role(provider)] + cells)
+                    body.append([provider, pattern, roles[provider]] + cells)
                 out += md_table(["provider", "pattern", "role"] + [f"batch {b}" for b in batches], body, align_left=3)
                 out += reasons_lines(sub)
             # peak memory of the run
@@ -573,6 +599,7 @@ def e2e_section(files: Sequence[CsvFile], md_dir: Path, plots_dir: Path, plots: 
 
 def e2e_plot(rows: Sequence[Row], gpu: str, model: str, plots_dir: Path) -> Optional[Path]:
     ok = [r for r in rows if r.get("status") == "ok" and num(r.get("speedup_vs_dense")) is not None]
+    roles = roles_of(rows)
     if not ok or not _PLOTS_ENABLED:
         return None
     plt = _mpl()
@@ -590,7 +617,8 @@ def e2e_plot(rows: Sequence[Row], gpu: str, model: str, plots_dir: Path) -> Opti
                 pts = sorted((int(r["batch"]), num(r["speedup_vs_dense"])) for r in sub
                              if (r["provider"], r["pattern"]) == (provider, pattern))
                 label = label_of[(provider, pattern)]
-                ax.plot([b for b, _ in pts], [s for _, s in pts], label=label, **_style(provider, colors.get(label)))
+                ax.plot([b for b, _ in pts], [s for _, s in pts], label=label,
+                        **_style(provider, roles[provider], colors.get(label)))
             ax.axhline(1.0, color="grey", linewidth=0.8)
             _log2_axis(ax, sorted({int(r["batch"]) for r in rows}))
             ax.set_title(f"{dtype}, {mode}", fontsize=9)
@@ -619,18 +647,19 @@ def e2e_plot(rows: Sequence[Row], gpu: str, model: str, plots_dir: Path) -> Opti
 HOW_TO = """\
 ## Producing the results
 
-On a machine with a CUDA GPU (e.g. one lent H100; see
-[benchmarks/README.md]({bench_readme})):
+On a machine with a CUDA GPU (e.g. the lent H200, whose lease is a quarter
+of an hour of device time; see [benchmarks/README.md]({bench_readme})):
 
-1. `FIPS_KERNELS_COMMIT=<sha> bash scripts/gpu-check.sh` — build, tests, the
-   layer sweep, the end-to-end benchmark and the pytest-benchmark suite, all
-   into `$OUT`; `bash scripts/gpu-check.sh compile` adds the `torch.compile`
-   modes of the end-to-end benchmark in a second call.
+1. `FIPS_KERNELS_COMMIT=<sha> bash scripts/gpu-check.sh` — build, the GPU
+   tests, the headline layer rows, wider rows while time remains, an
+   autotuned run of the headline Triton rows and memcheck, each stage by its
+   deadline, all into `$OUT` (`bash scripts/gpu-check.sh --plan` shows what
+   it will run and its estimate).
 2. `python3 benchmarks/report.py --import <that $OUT>` — copies the GPU CSVs
-   into `benchmarks/results/` and the pytest-benchmark JSON into
-   `benchmarks/results/pytest-benchmark/`, then rebuilds this file and the
+   into `benchmarks/results/`, merges the tuned Triton configs into
+   `fips_kernels/tuning/triton_configs.json`, then rebuilds this file and the
    plots in `benchmarks/plots/`.
-3. Commit the CSVs, the JSON, the plots and this file.
+3. Commit the CSVs, the config table, the plots and this file.
 """
 
 
@@ -642,7 +671,7 @@ def build(results: Path = RESULTS, out_md: Path = OUT_MD, plots_dir: Path = PLOT
     files, ignored = load_csvs(results)
     md_dir = out_md.resolve().parent
     plots: List[Path] = []
-    for pattern in ("layer_*.png", "e2e_*.png"):  # plots of files no longer present must not linger
+    for pattern in ("layer_*.png", "layer-tuned_*.png", "e2e_*.png"):  # plots of files no longer present must not linger
         for old in plots_dir.glob(pattern) if plots_dir.exists() else ():
             old.unlink()
     lines = ["# Benchmarks", "",
@@ -670,18 +699,20 @@ def build(results: Path = RESULTS, out_md: Path = OUT_MD, plots_dir: Path = PLOT
                   "* the pytest-benchmark runs stored for regression comparisons.", ""]
     for gpu in gpus:
         lines += [f"## {gpu}", ""]
-        gl = sorted((f for f in layer if any(r["gpu_name"] == gpu for r in f.gpu_rows)), key=lambda f: f.date)
-        if gl:
-            newest = gl[-1]
-            sub = CsvFile.__new__(CsvFile)
-            sub.path, sub.kind = newest.path, "layer"
-            sub.rows = [r for r in newest.gpu_rows if r["gpu_name"] == gpu]
-            lines += layer_section(sub, md_dir, plots_dir, plots)
-            if len(gl) > 1:
-                lines += ["Older layer CSVs of this GPU (not shown): "
-                          + ", ".join(f"[{f.path.name}]({rel(f.path, md_dir)})" for f in gl[:-1]) + ".", ""]
-        else:
-            lines += ["No layer benchmark CSV from this GPU.", ""]
+        for tuned in (False, True):  # the layer rows, then gpu-check.sh's autotuned ones
+            gl = sorted((f for f in layer if f.path.name.startswith(TUNED_PREFIX) == tuned
+                         and any(r["gpu_name"] == gpu for r in f.gpu_rows)), key=lambda f: f.date)
+            if gl:
+                newest = gl[-1]
+                sub = CsvFile.__new__(CsvFile)
+                sub.path, sub.kind = newest.path, "layer"
+                sub.rows = [r for r in newest.gpu_rows if r["gpu_name"] == gpu]
+                lines += layer_section(sub, md_dir, plots_dir, plots, tuned)
+                if len(gl) > 1:
+                    lines += ["Older layer CSVs of this GPU (not shown): "
+                              + ", ".join(f"[{f.path.name}]({rel(f.path, md_dir)})" for f in gl[:-1]) + ".", ""]
+            elif not tuned:
+                lines += ["No layer benchmark CSV from this GPU.", ""]
         ge = []
         for f in e2e:
             grows = [r for r in f.gpu_rows if r["gpu_name"] == gpu]
@@ -723,8 +754,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--plots", type=Path, default=PLOTS, help="folder of the PNGs (default: benchmarks/plots)")
     p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
     p.add_argument("--import", dest="imports", type=Path, nargs="+", metavar="DIR",
-                   help="first copy a GPU run's layer_*.csv, e2e_*.csv and pytest-benchmark_*.json from DIR "
-                        "(gpu-check.sh's $OUT) into --results")
+                   help="first copy a GPU run's layer_*.csv, layer-tuned_*.csv, e2e_*.csv and pytest-benchmark_*.json "
+                        "from DIR (gpu-check.sh's $OUT) into --results, and merge its triton_configs_*.json into "
+                        "fips_kernels/tuning/triton_configs.json")
     args = p.parse_args(argv)
     for src in args.imports or ():
         if not src.is_dir():

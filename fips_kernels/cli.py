@@ -47,7 +47,9 @@ class _UsageError(ValueError):
 
 def _bench(args: argparse.Namespace) -> int:
     from .bench import layer
+    from .bench.group import GROUP_PROVIDERS
     from .bench.providers import PROVIDERS
+    from .bench.registry import OURS
     from .bench.shapes import ALL_PRESETS, PATTERNS, preset_rank
 
     if args.list:
@@ -56,16 +58,18 @@ def _bench(args: argparse.Namespace) -> int:
             ranks = ", ".join(f"{pat} r={preset_rank(p, PATTERNS[pat])}" for pat in PATTERNS)
             print(f"  {name:10s} d={p.d} h={p.h} blocks={p.blocks} F={p.layers_per_mlp}  ({ranks})  {p.description}")
         print("patterns: " + ", ".join(f"{n} ({p.format})" for n, p in PATTERNS.items()))
-        print("providers:")
+        print("providers (role: ours = this package, peer = what a user would otherwise run, baseline = dense):")
         for name, prov in PROVIDERS.items():
-            print(f"  {name:20s} {prov.description}")
+            print(f"  {name:20s} {prov.role:8s} {prov.description}")
+        print("group providers (--group-providers): " + ", ".join(GROUP_PROVIDERS))
         return 0
     try:
         config = layer.resolve_config(
             presets=_split(args.presets), patterns=_split(args.patterns), ms=_ints(args.m, "--m"),
             providers=_split(args.providers), dtype=args.dtype, device=args.device, tiny=args.tiny,
             out=args.out, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, reps=args.reps, seed=args.seed,
-            check=not args.no_check, progress=not args.no_progress, scopes=_split(args.scope))
+            check=not args.no_check, progress=not args.no_progress, scopes=_split(args.scope),
+            group_providers=_split(args.group_providers))
     except (layer.BenchError, _UsageError) as exc:
         print(f"{PROG} bench: error: {exc}", file=sys.stderr)
         return 2
@@ -82,8 +86,7 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"wrote {len(rows)} rows ({skipped} skipped, {failed} failed) to {config.out}")
     if config.device.type == "cpu":
         print(f"note: {layer.CPU_NOTE}")
-    broken = [r for r in rows if getattr(PROVIDERS.get(r["provider"]), "ours", False)
-              and (r["status"] == "failed" or r["reason"].startswith("WARNING"))]
+    broken = [r for r in rows if r["role"] == OURS and (r["status"] == "failed" or r["reason"].startswith("WARNING"))]
     if broken:
         print(f"{PROG} bench: {len(broken)} rows of this package's own providers failed or disagree with "
               f"the reference, e.g. {broken[0]['provider']} {broken[0]['preset']} {broken[0]['kind']} "
@@ -111,6 +114,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--scope", nargs="+", metavar="SCOPE",
                    help="layer (one layer per call, U read by each) and/or group (all layers of a group "
                         "back to back, U read once per group: the model's case); default: both")
+    p.add_argument("--group-providers", nargs="+", metavar="NAME",
+                   help="group-scope providers (see --list; default: all; dense is always timed)")
     p.add_argument("--dtype", help="fp16 (default on a GPU), bf16, fp32 (default on the CPU)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", metavar="PATH",
@@ -131,6 +136,7 @@ def _add_bench(sub) -> None:
 def _bench_e2e(args: argparse.Namespace) -> int:
     from .bench import e2e
     from .bench.layer import BenchError
+    from .bench.registry import OURS
 
     if args.list:
         print("models:")
@@ -162,7 +168,7 @@ def _bench_e2e(args: argparse.Namespace) -> int:
           f"to {config.out}")
     if config.device.type == "cpu":
         print(f"note: {e2e.CPU_NOTE}")
-    broken = [r for r in rows if r["provider"] in e2e.OURS
+    broken = [r for r in rows if r["role"] == OURS
               and (r["status"] == "failed" or "WARNING: rel_err" in r["reason"])]
     if broken:
         b = broken[0]

@@ -226,9 +226,11 @@ def test_rows_are_written_incrementally(tmp_path, monkeypatch):
 
 
 def test_a_provider_is_one_class(monkeypatch, tmp_path):
+    from fips_kernels.bench import registry as reg
+
     registry = dict(providers.PROVIDERS)
-    monkeypatch.setattr(providers, "PROVIDERS", registry)
-    monkeypatch.setattr(layer, "PROVIDERS", registry)
+    for module in (reg, providers, layer):
+        monkeypatch.setattr(module, "PROVIDERS", registry)
 
     @providers.register
     class Twice(providers.Provider):
@@ -250,6 +252,7 @@ def test_a_provider_is_one_class(monkeypatch, tmp_path):
     mine = [r for r in rows if r["provider"] == "twice_dense"]
     assert len(mine) == 4
     assert {(r["pattern"], r["status"]) for r in mine} == {("1:4", "ok"), ("2:4", "skipped")}
+    assert {r["role"] for r in mine} == {"peer"}  # the default role of a provider
     assert all(r["reason"] == "not for 2:4" for r in mine if r["status"] == "skipped")
 
 
@@ -294,9 +297,30 @@ def test_summary_table(tiny_run, tmp_path):
     lines = text.splitlines()
     assert lines[0].startswith("speed-up over dense")
     assert lines[1].split()[-3:] == ["1", "16", "64"]
-    # per preset and pattern: fips and semi_structured_24 for expand and contract, fips for the group
-    assert len(lines) == 2 + len(TINY) * len(shapes.PATTERNS) * (2 * 2 + 1)
-    assert all(line.split()[-3:] == ["-", "-", "-"] for line in lines if "semi_structured_24" in line)
+    # per preset and pattern: fips for expand, contract and the group; semi_structured_24 never ran on the CPU,
+    # so it has no line but one line below the table with each of its reasons and the rows it covers
+    table = lines[2:lines.index("")]
+    assert len(table) == len(TINY) * len(shapes.PATTERNS) * 3
+    assert all(line.split()[3] == "fips" for line in table)
+    skipped = lines[lines.index("") + 1:]
+    assert skipped[0].startswith("skipped") and len(skipped) == 2
+    semi = [r for r in rows if r["provider"] == "semi_structured_24"]
+    assert skipped[1].split()[:3] == ["semi_structured_24", str(len(semi)), "rows:"]
+    assert f"needs a CUDA GPU (input is on cpu) [{len(semi)}]" in skipped[1]
+
+
+def test_summary_lists_each_reason_once():
+    from fips_kernels.bench.table import not_run_summary, split_reasons
+
+    assert split_reasons("needs a GPU (on cpu; or X=1); fp32 is not supported") == [
+        "needs a GPU (on cpu; or X=1)", "fp32 is not supported"]
+    rows = [dict(provider="p", status="skipped", reason="a; b"), dict(provider="p", status="skipped", reason="a"),
+            dict(provider="q", status="failed", reason="boom"), dict(provider="r", status="ok", reason="")]
+    assert not_run_summary(rows) == [
+        "skipped (not run here), by provider: rows, then each reason [rows it covers]:",
+        "  p  2 rows: a [2]; b [1]",
+        "FAILED, by provider: rows, then each error [rows]:",
+        "  q  1 rows: boom [1]"]
 
 
 def test_commit_and_driver_metadata(monkeypatch):
@@ -345,6 +369,67 @@ def test_group_runners_compute_the_group(tmp_path):
     xs = case.inputs(5)
     last = case.layers[-1]
     want = last(xs[last.kind])
-    for name in ("fips", "fips_gate_up", "two_gemm"):
-        run, _, _ = GROUP_PROVIDERS[name](case)
-        torch.testing.assert_close(run(xs), want, rtol=1e-4, atol=1e-4)
+    for name in ("fips", "fips_gate_up", "two_gemm", "csr_rebuild"):
+        assert GROUP_PROVIDERS[name].role == ("peer" if name in ("two_gemm", "csr_rebuild") else "ours")
+        torch.testing.assert_close(GROUP_PROVIDERS[name](case).run(xs), want, rtol=1e-4, atol=1e-4)
+
+
+def test_every_row_carries_its_providers_role(tiny_run):
+    """The role column comes from the registry entry that wrote the row (no rule on names)."""
+    from fips_kernels.bench.group import GROUP_PROVIDERS
+
+    rows, _ = tiny_run
+    for r in rows:
+        registry = GROUP_PROVIDERS if r["kind"] == "group" else providers.PROVIDERS
+        assert r["role"] == registry[r["provider"]].role, r
+    roles = {r["provider"]: r["role"] for r in rows}
+    assert roles["dense"] == "baseline"
+    assert {roles[p] for p in ("fips", "reference", "fips_gate_up", "triton_factored", "cuda_factored",
+                               "cuda_reconstruct", "cuda_sparse24", "hashed_fwd")} == {"ours"}
+    assert {roles[p] for p in ("two_gemm", "csr_rebuild", "semi_structured_24")} == {"peer"}
+
+
+def test_peers_have_faces_and_compute_the_layer(monkeypatch):
+    """Each peer is defined once: its speed face gives the layer, group and end-to-end forms; a peer
+    with only the quality face (e.g. a future round-to-nearest int8) stays out of the speed benchmarks."""
+    from fips_kernels.bench import peers, registry
+
+    speed = peers.peers_with("speed")
+    assert list(speed) == ["dense", "two_gemm", "csr_rebuild", "semi_structured_24"]
+    assert speed["dense"].role == "baseline" and all(p.role == "peer" for n, p in speed.items() if n != "dense")
+    case = build_cases(shapes.TINY_PRESETS["tiny"], shapes.PATTERNS["1:4"], torch.float32, "cpu")[1]
+    x = case.make_input(3)
+    want = case.layer(x)
+    for name in ("two_gemm", "csr_rebuild"):
+        prepared = speed[name].prepare(case)
+        torch.testing.assert_close(prepared.run(x), want, rtol=1e-4, atol=1e-5)
+        shared, (mod,) = speed[name].replace(case.layer.base, [case.layer])
+        assert prepared.weight_bytes > case.layer.factor.nbytes and mod.flops(3) > 0
+
+    monkeypatch.setattr(peers, "PEERS", dict(peers.PEERS))
+    monkeypatch.setattr(peers, "PROVIDERS", dict(registry.PROVIDERS))
+
+    @peers.register_peer
+    class RoundToNearest(peers.Peer):
+        name = "rtn_int8_test"
+
+        def compress_linear(self, linear):
+            return linear, linear.weight.numel()
+
+    assert peers.PEERS["rtn_int8_test"].faces == ("quality",)
+    assert list(peers.peers_with("quality")) == ["rtn_int8_test"]
+    assert "rtn_int8_test" not in peers.PROVIDERS
+
+
+def test_cli_summary_names_skipped_providers_once(tiny_run):
+    """`fips-kernels bench --tiny`: no table line of dashes only; each skipped provider once, with its reasons."""
+    rows, stdout = tiny_run
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("speed-up over dense"))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("skipped"))
+    table = [line for line in lines[start + 2:end] if line.strip()]
+    assert table and not any(set(line.split()[-3:]) == {"-"} for line in table)
+    never_ran = {r["provider"] for r in rows} - {r["provider"] for r in rows if r["status"] == "ok"}
+    listed = [line.split()[0] for line in lines[end + 1:] if line.startswith("  ")]
+    assert sorted(set(listed) & never_ran) == sorted(never_ran) and len(listed) == len(set(listed))
+    assert len(lines) < 130  # it was ~230 with a line of dashes per skipped provider and point

@@ -77,6 +77,7 @@ def test_metadata_and_statuses(tiny_run):
             assert r[col] != "", (col, r)
         assert r["device"] == "cpu" and r["gpu_name"] == "none" and r["torch"] == torch.__version__
         assert r["status"] in ("ok", "skipped"), r  # nothing fails on the CPU
+        assert r["role"] == {"dense": "baseline", "fips": "ours"}.get(r["provider"], "peer"), r
         if r["status"] == "skipped":
             assert r["reason"] and r["time_ms"] == "" and r["throughput"] == "", r
         else:

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from fips_kernels.bench.e2e import E2E_COLUMNS
+from fips_kernels.bench.e2e import E2E_COLUMNS, E2E_ROLES
+from fips_kernels.bench.group import GROUP_PROVIDERS
 from fips_kernels.bench.layer import COLUMNS
+from fips_kernels.bench.providers import PROVIDERS
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU = "SYNTHETIC TEST GPU (made-up numbers)"
@@ -48,7 +50,7 @@ def _g(x):
 def synthetic_layer_rows(device="cuda", seed=0):
     rnd = random.Random(seed)
     rows = []
-    providers = ("dense", "fips", "triton_factored", "two_gemm", "csr_rebuild", "semi_structured_24")
+    providers = ("dense", "fips", "triton_factored", "cuda_factored", "two_gemm", "csr_rebuild", "semi_structured_24")
     for preset, d, h in (("deit-b", 768, 3072), ("llama3-8b", 4096, 14336)):
         for pattern in ("unstructured", "1:4", "2:4"):
             for kind in ("expand", "contract", "group"):
@@ -56,8 +58,10 @@ def synthetic_layer_rows(device="cuda", seed=0):
                 for M in (1, 16, 256, 4096):
                     dense_t = rnd.uniform(0.01, 2.0)
                     for prov in provs:
+                        registry = GROUP_PROVIDERS if kind == "group" else PROVIDERS
                         row = dict(_meta(device), preset=preset, d=d, h=h, r=1365, kind=kind, layer="fc1",
                                    pattern=pattern, format="nm", dtype="fp16", M=M, provider=prov,
+                                   role=registry[prov].role,
                                    backend="triton" if prov.startswith(("fips", "triton")) else "torch",
                                    bandwidth_GBps="1234.7", peak_TFLOPs="543.21")
                         skip = (prov == "semi_structured_24" and pattern != "2:4") or \
@@ -90,6 +94,7 @@ def synthetic_e2e_rows(device="cuda", seed=1, date="2000-01-02T03:04:05Z", modes
                     wb = rnd.randint(10 ** 8, 10 ** 9)
                     for b in batches:
                         row = dict(_meta(device, date=date), model=model, arch="synthetic", task=task, provider=prov,
+                                   role=E2E_ROLES[prov],
                                    pattern=pattern, format="nm", dtype=dtype, mode=mode, batch=b, unit=unit,
                                    weight_bytes=wb, mlp_weight_bytes=wb // 2,
                                    weight_ratio_vs_dense=_g(rnd.uniform(0.5, 1)),
@@ -186,6 +191,7 @@ def test_layer_tables_carry_the_csv_values(gpu_results):
                                  == (preset, kind, pattern, provider, M)]
                         assert len(match) == 1
                         r = match[0]
+                        assert line[2] == r["role"]  # read from the CSV: cuda_factored is ours, not a peer
                         want = _expected_cell(r, fmt(r[column]) if r["status"] == "ok" else "")
                         assert got == want, (preset, kind, pattern, provider, M, got, want)
                         checked += 1
@@ -348,3 +354,33 @@ def test_import_places_files(tmp_path):
                         "--plots", str(tmp_path / "plots"), "--no-plots"]) == 0
     md = (tmp_path / "B.md").read_text()
     assert "pytest-benchmark/Linux-CPython-3.10-64bit/0001_SYNTHETIC_1.json" in md
+
+
+def test_roles_come_from_the_csv():
+    """No rule on provider names: the role column decides, and a CSV without it says so."""
+    rows = [{"provider": "cuda_factored", "role": "ours"}, {"provider": "dense", "role": "baseline"},
+            {"provider": "fips_new_peer", "role": "peer"}, {"provider": "old", "role": ""}]
+    roles = report.roles_of(rows)
+    assert roles == {"cuda_factored": "ours", "dense": "baseline", "fips_new_peer": "peer", "old": "?"}
+    assert report.sort_providers(["old", "fips_new_peer", "cuda_factored", "dense"], roles) == [
+        "dense", "cuda_factored", "fips_new_peer", "old"]
+
+
+def test_import_merges_tuned_configs_and_reports_tuned_rows_apart(tmp_path):
+    """gpu-check.sh's tuned stage: its configs go into the package's table, its rows into a section of their own."""
+    src = tmp_path / "gpu-check-out"
+    src.mkdir()
+    _write(src / "layer_SYNTHETIC_1.csv", COLUMNS, synthetic_layer_rows())
+    _write(src / "layer-tuned_SYNTHETIC_1.csv", COLUMNS, synthetic_layer_rows(seed=5))
+    entry = {"key": {"M_BUCKET": 16}, "config": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}}
+    (src / "triton_configs_SYNTHETIC.json").write_text(json.dumps({"gpu": GPU, "source": "synthetic",
+                                                                    "configs": [entry]}))
+    table = tmp_path / "triton_configs.json"
+    table.write_text(json.dumps({"default": {"source": "not measured", "configs": []}}))
+    results = tmp_path / "results"
+    report.import_run(src, results, log=lambda s: None, triton_configs=table)
+    assert json.loads(table.read_text())[GPU]["configs"] == [entry]
+    report.build(results, tmp_path / "B.md", tmp_path / "plots", plots_enabled=False)
+    tables = _tables((tmp_path / "B.md").read_text())
+    assert "layer_SYNTHETIC_1.csv" in tables[f"layer-speedup gpu={SLUG} preset=deit-b kind=expand"][0]
+    assert "layer-tuned_SYNTHETIC_1.csv" in tables[f"layer-tuned-speedup gpu={SLUG} preset=deit-b kind=expand"][0]

@@ -23,21 +23,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from ..formats import SparseFactor
 from ..modules import FiPSGroup, FiPSLinear, SharedBase
 from .shapes import BUDGET, QGROUP, Pattern, Preset, preset_rank
+from .sizes import tensor_bytes
 
-__all__ = ["LayerCase", "build_cases", "random_factor", "tensor_bytes"]
+__all__ = ["LayerCase", "build_cases", "random_factor", "random_layers", "random_dense", "tensor_bytes"]
 
 KINDS = ("expand", "contract")
-
-
-def tensor_bytes(*tensors: Optional[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 @dataclass
@@ -130,6 +127,33 @@ def random_factor(K: int, N: int, pattern: Pattern, dtype: torch.dtype, generato
                              qgroup=QGROUP)
 
 
+def random_dense(out_features: int, in_features: int, bias: bool, dtype: torch.dtype, generator: torch.Generator,
+                 device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A random dense ``(W (out × in), b)`` of that shape (the dense baseline's weights)."""
+    W = (torch.randn(out_features, in_features, generator=generator, device=device) / math.sqrt(in_features))
+    b = (0.02 * torch.randn(out_features, generator=generator, device=device)).to(dtype) if bias else None
+    return W.to(dtype), b
+
+
+def random_layers(d: int, r: int, slots: Sequence[Tuple[str, int, bool]], pattern: Pattern, dtype: torch.dtype,
+                  generator: torch.Generator, device: torch.device) -> Tuple[SharedBase, List[FiPSLinear]]:
+    """A random base ``U (d × r)`` (int8 for a quantised pattern) and one FiPS layer per
+    ``(kind, hidden, has_bias)`` slot sharing it, with random packed factors; no gradients."""
+    U = (torch.randn(d, r, generator=generator, device=device, dtype=torch.float32) / math.sqrt(d)).to(dtype)
+    base = SharedBase(U.contiguous())
+    if pattern.qbits:
+        base.quantize_(8)
+    base.requires_grad_(False)
+    layers = []
+    for kind, h, has_bias in slots:
+        K, N = (r, h) if kind == "expand" else (h, r)
+        factor = random_factor(K, N, pattern, dtype, generator, device)
+        out_f = h if kind == "expand" else d
+        bias = (0.02 * torch.randn(out_f, generator=generator, device=device)).to(dtype) if has_bias else None
+        layers.append(FiPSLinear(base, factor, kind, bias).requires_grad_(False))
+    return base, layers
+
+
 def build_cases(preset: Preset, pattern: Pattern, dtype: torch.dtype, device, *, seed: int = 0,
                 budget: float = BUDGET) -> List[LayerCase]:
     """One expand and one contract :class:`LayerCase` of ``preset`` sharing a random base."""
@@ -137,26 +161,8 @@ def build_cases(preset: Preset, pattern: Pattern, dtype: torch.dtype, device, *,
     r = preset_rank(preset, pattern, budget)
     d, h = preset.d, preset.h
     g = torch.Generator(device=device).manual_seed(seed)
-    U = (torch.randn(d, r, generator=g, device=device, dtype=torch.float32) / math.sqrt(d)).to(dtype)
-    base = SharedBase(U.contiguous())
-    if pattern.qbits:
-        base.quantize_(8)
-    layers, dense = [], []
-    for kind in KINDS:
-        K, N = (r, h) if kind == "expand" else (h, r)
-        factor = random_factor(K, N, pattern, dtype, g, device)
-        out_f, in_f = (h, d) if kind == "expand" else (d, h)
-        bias = (0.02 * torch.randn(out_f, generator=g, device=device)).to(dtype) if preset.bias else None
-        layers.append(FiPSLinear(base, factor, kind, bias))
-        W = (torch.randn(out_f, in_f, generator=g, device=device) / math.sqrt(in_f)).to(dtype)
-        Wb = (0.02 * torch.randn(out_f, generator=g, device=device)).to(dtype) if preset.bias else None
-        dense.append((W, Wb))
-    with torch.no_grad():
-        for p in base.parameters():
-            p.requires_grad_(False)
-        for layer in layers:
-            for p in layer.parameters():
-                p.requires_grad_(False)
+    base, layers = random_layers(d, r, [(kind, h, preset.bias) for kind in KINDS], pattern, dtype, g, device)
+    dense = [random_dense(layer.out_features, layer.in_features, preset.bias, dtype, g, device) for layer in layers]
     group = FiPSGroup(base, layers, info={
         "rank": r, "budget": budget, "sparsity": pattern.sparsity, "pattern": pattern.name,
         "format": pattern.format, "preset": preset.name, "random": True, "built_layers": list(KINDS),

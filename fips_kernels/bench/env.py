@@ -13,9 +13,11 @@ from typing import Dict, Optional
 
 import torch
 
-__all__ = ["run_metadata", "driver_version", "git_commit", "triton_version", "utc_now"]
+__all__ = ["METADATA_COLUMNS", "run_metadata", "driver_version", "git_commit", "triton_version", "utc_now"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The columns of run_metadata, at the end of every benchmark CSV's rows.
+METADATA_COLUMNS = ("device", "gpu_name", "driver", "torch", "triton", "cuda", "date", "commit")
 
 
 def _run(cmd, cwd: Optional[Path] = None, timeout: float = 10.0) -> Optional[str]:

@@ -11,18 +11,19 @@ steps) against the same number of dense layers, so the bytes column counts
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from ..modules import FiPSGroup, FiPSLinear, SharedBase
-from .cases import random_factor, tensor_bytes
+from ..modules import FiPSGroup, FiPSLinear
+from .cases import random_dense, random_layers
+from .peers import peers_with
+from .registry import OURS
 from .shapes import BUDGET, Pattern, Preset, preset_rank
+from .sizes import tensor_bytes
 
-__all__ = ["GroupCase", "build_group_case", "GROUP_PROVIDERS", "group_provider_reasons"]
+__all__ = ["GroupCase", "build_group_case", "GroupRun", "GroupProvider", "GROUP_PROVIDERS", "group_provider_reasons"]
 
 
 @dataclass
@@ -78,24 +79,10 @@ def build_group_case(preset: Preset, pattern: Pattern, dtype: torch.dtype, devic
     """Every layer of one group of ``preset`` from random factors (see :mod:`.cases`)."""
     device = torch.device(device)
     r = preset_rank(preset, pattern, budget)
-    d, h = preset.d, preset.h
     g = torch.Generator(device=device).manual_seed(seed + 7)
-    base = SharedBase((torch.randn(d, r, generator=g, device=device) / math.sqrt(d)).to(dtype).contiguous())
-    base.U.requires_grad_(False)
-    if pattern.qbits:
-        base.quantize_(8)
-    layers, dense = [], []
-    for kind in preset.group_kinds:
-        K, N = (r, h) if kind == "expand" else (h, r)
-        out_f, in_f = (h, d) if kind == "expand" else (d, h)
-        bias = (0.02 * torch.randn(out_f, generator=g, device=device)).to(dtype) if preset.bias else None
-        layer = FiPSLinear(base, random_factor(K, N, pattern, dtype, g, device), kind, bias)
-        for p in layer.parameters():
-            p.requires_grad_(False)
-        layers.append(layer)
-        W = (torch.randn(out_f, in_f, generator=g, device=device) / math.sqrt(in_f)).to(dtype)
-        Wb = (0.02 * torch.randn(out_f, generator=g, device=device)).to(dtype) if preset.bias else None
-        dense.append((W, Wb))
+    base, layers = random_layers(preset.d, r, [(kind, preset.h, preset.bias) for kind in preset.group_kinds],
+                                 pattern, dtype, g, device)
+    dense = [random_dense(layer.out_features, layer.in_features, preset.bias, dtype, g, device) for layer in layers]
     group = FiPSGroup(base, layers, info={"rank": r, "pattern": pattern.name, "preset": preset.name,
                                           "random": True})
     return GroupCase(preset, pattern, r, group, dense, seed)
@@ -104,20 +91,33 @@ def build_group_case(preset: Preset, pattern: Pattern, dtype: torch.dtype, devic
 Runner = Callable[[Dict[str, torch.Tensor]], torch.Tensor]
 
 
-def _dense(case: GroupCase) -> Tuple[Runner, int, Callable[[int], int]]:
-    kinds = [layer.kind for layer in case.layers]
-    dense = case.dense
+class GroupRun(NamedTuple):
+    """A group provider ready to time: ``run(xs)`` (``xs``: the expand and contract inputs), the bytes it
+    stores (all read per call), its arithmetic ``flops(M)`` and what runs it."""
 
-    def run(xs):
-        y = None
-        for kind, (W, b) in zip(kinds, dense):
-            y = F.linear(xs[kind], W, b)
-        return y
-
-    return run, case.dense_bytes, case.dense_flops
+    run: Runner
+    weight_bytes: int
+    flops: Callable[[int], int]
+    backend: str = "torch"
 
 
-def _fips(case: GroupCase) -> Tuple[Runner, int, Callable[[int], int]]:
+Made = GroupRun
+
+
+@dataclass(frozen=True)
+class GroupProvider:
+    """One way of running a whole group: ``make(case) -> GroupRun``."""
+
+    name: str
+    role: str
+    make: Callable[[GroupCase], Made]
+    reasons: Callable[[Preset, torch.device, torch.dtype, str], List[str]] = lambda *a: []
+
+    def __call__(self, case: GroupCase) -> Made:
+        return self.make(case)
+
+
+def _fips(case: GroupCase) -> Made:
     layers = case.layers
 
     def run(xs):
@@ -126,10 +126,10 @@ def _fips(case: GroupCase) -> Tuple[Runner, int, Callable[[int], int]]:
             y = layer(xs[layer.kind])
         return y
 
-    return run, case.fips_bytes, case.factored_flops
+    return GroupRun(run, case.fips_bytes, case.factored_flops, "")  # backend: dispatch's pick, per M
 
 
-def _fips_gate_up(case: GroupCase) -> Tuple[Runner, int, Callable[[int], int]]:
+def _fips_gate_up(case: GroupCase) -> Made:
     """Gated MLPs as a model runs them: gate and up fused (``z = x·U`` once), then down."""
     from ..ops import gate_up
 
@@ -143,37 +143,33 @@ def _fips_gate_up(case: GroupCase) -> Tuple[Runner, int, Callable[[int], int]]:
             y = down(xs["contract"])
         return y
 
-    return run, case.fips_bytes, case.factored_flops
+    return GroupRun(run, case.fips_bytes, case.factored_flops, "")  # backend: dispatch's pick, per M
 
 
-def _two_gemm(case: GroupCase) -> Tuple[Runner, int, Callable[[int], int]]:
-    """The FiPS authors' path: V stored dense, two GEMMs per layer."""
-    U = case.group.base.matrix().detach()
-    Vs = [(layer.kind, layer.V.detach().contiguous(), layer.bias) for layer in case.layers]
-
-    def run(xs):
-        y = None
-        for kind, V, b in Vs:
-            if kind == "expand":
-                y = F.linear(xs[kind] @ U, V.t(), b)
-            else:
-                y = F.linear(xs[kind] @ V.t(), U, b)
-        return y
-
-    stored = tensor_bytes(U) + sum(tensor_bytes(V, b) for _, V, b in Vs)
-    r, d = case.rank, case.preset.d
-    return run, stored, lambda M: sum(2 * M * (d * r + V.numel()) for _, V, _ in Vs)
-
-
-GROUP_PROVIDERS: Dict[str, Callable[[GroupCase], Tuple[Runner, int, Callable[[int], int]]]] = {
-    "dense": _dense,
-    "fips": _fips,
-    "fips_gate_up": _fips_gate_up,
-    "two_gemm": _two_gemm,
-}
-
-
-def group_provider_reasons(name: str, preset: Preset) -> List[str]:
-    if name == "fips_gate_up" and preset.layers_per_mlp != 3:
+def _gated_only(preset: Preset, device, dtype, pattern) -> List[str]:
+    if preset.layers_per_mlp != 3:
         return [f"{preset.name} has no gated MLP (F={preset.layers_per_mlp})"]
     return []
+
+
+def _providers() -> Dict[str, GroupProvider]:
+    """The baseline, ours, then every peer with the speed face (:mod:`.peers`)."""
+    speed = peers_with("speed")
+    out = {"dense": GroupProvider("dense", speed["dense"].role, speed["dense"].group)}
+    out["fips"] = GroupProvider("fips", OURS, _fips)
+    out["fips_gate_up"] = GroupProvider("fips_gate_up", OURS, _fips_gate_up, _gated_only)
+    for name, peer in speed.items():
+        if name not in out:
+            out[name] = GroupProvider(name, peer.role, peer.group,
+                                      lambda preset, device, dtype, pattern, p=peer:
+                                      p.not_supported_reasons(device, dtype, pattern))
+    return out
+
+
+GROUP_PROVIDERS: Dict[str, GroupProvider] = _providers()
+
+
+def group_provider_reasons(name: str, preset: Preset, device: torch.device, dtype: torch.dtype,
+                           pattern: str) -> List[str]:
+    """Why group provider ``name`` cannot run ``preset`` here (empty: it can)."""
+    return GROUP_PROVIDERS[name].reasons(preset, torch.device(device), dtype, pattern)

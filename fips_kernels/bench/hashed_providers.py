@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import os
 import sys
@@ -32,9 +31,12 @@ from .. import dispatch
 from ..hashed import mapping
 from ..hashed.modules import HashedLinear
 from ..hashed.ops import deterministic_gradients, problem, select
-from .cases import LayerCase, tensor_bytes
-from .env import run_metadata
+from .cases import LayerCase
+from .sizes import tensor_bytes
+from .env import METADATA_COLUMNS, run_metadata
 from .providers import Prepared, Provider, dense_flops, register
+from .registry import BASELINE, OURS
+from .rows import RowWriter
 from .shapes import BUDGET, PRESETS
 from .timing import TimingConfig, time_ms
 
@@ -79,7 +81,7 @@ def _check(layer: HashedLinear, x: torch.Tensor, y: torch.Tensor) -> float:
 class _HashedProvider(Provider):
     strategy = "fused"
     align = 8  # the preset shapes are multiples of 8: the kernels' vectorised (hinted) loads apply
-    ours = True
+    role = OURS
 
     def not_supported_reasons(self, device, dtype, pattern):
         reasons = []
@@ -134,10 +136,10 @@ class HashedMaterialize(_HashedProvider):
 
 # ---------------------------------------------------------------- forward + backward sweep
 
-METADATA_COLUMNS = ("device", "gpu_name", "driver", "torch", "triton", "cuda", "date", "commit")
 COLUMNS = ("shape", "in_features", "out_features", "M", "method", "budget", "align", "slots", "dtype", "provider",
-           "pass",
+           "role", "pass",
            "backend", "status", "reason", "time_ms", "ratio_vs_dense", "rel_err") + METADATA_COLUMNS
+ROLES = {"dense": BASELINE, "hashed": OURS, "hashed_deterministic": OURS, "hashed_materialize": OURS}
 
 
 def _preset_shapes() -> List[Tuple[str, int, int]]:
@@ -151,14 +153,6 @@ def _preset_shapes() -> List[Tuple[str, int, int]]:
 DEFAULT_SHAPES: List[Tuple[str, int, int]] = _preset_shapes()  # (name, in_features, out_features)
 DEFAULT_M: Tuple[int, ...] = (256, 1024, 4096, 16384)
 PROVIDER_NAMES = ("dense", "hashed", "hashed_deterministic", "hashed_materialize")
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.6g}"
-    return str(v)
 
 
 def run_sweep(*, shapes: Sequence[Tuple[str, int, int]] = DEFAULT_SHAPES, ms: Sequence[int] = DEFAULT_M,
@@ -190,28 +184,16 @@ def run_sweep(*, shapes: Sequence[Tuple[str, int, int]] = DEFAULT_SHAPES, ms: Se
     if device.type == "cpu":
         torch.set_num_threads(1)  # CPU timings only check the harness; one thread avoids scheduler stalls
     try:
-        with open(out, "w", newline="") as f, force:
-            _write_sweep(f, shapes, methods, budgets, aligns, ms, dtype, device, cfg, meta, rows, log)
+        with RowWriter(out, COLUMNS, on_row=rows.append) as writer, force:
+            for shape, in_f, out_f in shapes:
+                for method in methods:
+                    for budget in budgets:
+                        for align in aligns:
+                            _sweep_layer(shape, in_f, out_f, method, budget, align, ms, dtype, device, cfg, meta,
+                                         writer.emit, log)
     finally:
         torch.set_num_threads(threads)
     return rows
-
-
-def _write_sweep(f, shapes, methods, budgets, aligns, ms, dtype, device, cfg, meta, rows, log) -> None:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
-    writer.writeheader()
-
-    def emit(row):
-        full = {k: _fmt(row.get(k)) for k in COLUMNS}
-        writer.writerow(full)
-        f.flush()
-        rows.append(full)
-
-    for shape, in_f, out_f in shapes:
-        for method in methods:
-            for budget in budgets:
-                for align in aligns:
-                    _sweep_layer(shape, in_f, out_f, method, budget, align, ms, dtype, device, cfg, meta, emit, log)
 
 
 def _sweep_layer(shape, in_f, out_f, method, budget, align, ms, dtype, device, cfg, meta, emit, log) -> None:
@@ -264,7 +246,7 @@ def _sweep_layer(shape, in_f, out_f, method, budget, align, ms, dtype, device, c
             cases.append((prov, "fwd_bwd", hashed_bwd, strategy, det, be))
         rel = None
         for prov, pas, fn, strategy, det, be in cases:
-            row = dict(base, M=M, provider=prov, **{"pass": pas}, backend=be or "")
+            row = dict(base, M=M, provider=prov, role=ROLES[prov], **{"pass": pas}, backend=be or "")
             if prov != "dense" and chosen is None:
                 emit(dict(row, status="skipped", reason=why))
                 continue

@@ -10,9 +10,7 @@ an interrupted run keeps its rows. Each row carries the roofline of this run
 from __future__ import annotations
 
 import csv
-import math
 import sys
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -21,10 +19,13 @@ import torch
 
 from .. import reference
 from .cases import LayerCase, build_cases
+from .env import METADATA_COLUMNS, run_metadata, utc_now
 from .group import GROUP_PROVIDERS, build_group_case, group_provider_reasons
-from .env import run_metadata, utc_now
-from .providers import PROVIDERS, Prepared
+from .providers import PROVIDERS, Prepared, dispatched_backend
+from .registry import BASELINE, OURS, PEER
+from .rows import RowWriter, describe, fmt
 from .shapes import ALL_PRESETS, DEFAULT_M, PATTERNS, PRESETS, TINY_M, TINY_PRESETS
+from .table import speedup_table
 from .timing import TimingConfig, measure_roofline, time_ms
 
 __all__ = [
@@ -39,9 +40,8 @@ __all__ = [
     "summarize_csv",
 ]
 
-METADATA_COLUMNS = ("device", "gpu_name", "driver", "torch", "triton", "cuda", "date", "commit")
 COLUMNS = (
-    "preset", "d", "h", "r", "kind", "layer", "pattern", "format", "dtype", "M", "provider", "backend",
+    "preset", "d", "h", "r", "kind", "layer", "pattern", "format", "dtype", "M", "provider", "role", "backend",
     "status", "reason", "time_ms", "bytes", "flops", "roofline_ms", "frac_of_roofline",
     "speedup_vs_dense", "compressed_ratio", "group_compressed_ratio", "rel_err",
     "bandwidth_GBps", "peak_TFLOPs",
@@ -59,6 +59,7 @@ CPU_NOTE = "CPU timings only check the harness: they are not kernel figures."
 # layer: one layer per timed call (U read by every call); group: all layers of
 # a group back to back (U can stay in L2 between them, as in a model).
 SCOPES = ("layer", "group")
+ROLE_ORDER = (BASELINE, OURS, PEER)  # the order of a sweep's providers (and of the summary's lines)
 
 
 class BenchError(ValueError):
@@ -80,6 +81,8 @@ class BenchConfig:
     progress: bool = True
     notes: Tuple[str, ...] = ()
     scopes: Tuple[str, ...] = ("layer", "group")
+    group_providers: Tuple[str, ...] = tuple(GROUP_PROVIDERS)
+    append: bool = False  # add the rows to an existing CSV of this benchmark (several sweeps, one file)
 
     @property
     def points(self) -> int:
@@ -88,7 +91,7 @@ class BenchConfig:
         if "layer" in self.scopes:
             per_point += 2 * len(self.providers)
         if "group" in self.scopes:
-            per_point += len(GROUP_PROVIDERS)
+            per_point += len(self.group_providers)
         return len(self.presets) * len(self.patterns) * len(self.ms) * per_point
 
 
@@ -148,7 +151,8 @@ def resolve_config(*, presets: Optional[Sequence[str]] = None, patterns: Optiona
                    out: Optional[str] = None, warmup_ms: Optional[float] = None,
                    rep_ms: Optional[float] = None, reps: Optional[int] = None, seed: int = 0,
                    check: bool = True, progress: bool = True,
-                   scopes: Optional[Sequence[str]] = None) -> BenchConfig:
+                   scopes: Optional[Sequence[str]] = None,
+                   group_providers: Optional[Sequence[str]] = None, append: bool = False) -> BenchConfig:
     """Validate the arguments of a sweep and fill in the defaults.
 
     Without CUDA and without a choice of presets or M, the tiny sweep runs on
@@ -168,12 +172,12 @@ def resolve_config(*, presets: Optional[Sequence[str]] = None, patterns: Optiona
     if dev.type == "cpu" and any(p in PRESETS for p in chosen_presets):
         notes.append("full-size presets on the CPU are slow (minutes per preset) and only check the harness.")
     chosen_patterns = _choose("pattern", patterns, PATTERNS, list(PATTERNS))
-    chosen_providers = _choose("provider", providers, PROVIDERS, list(PROVIDERS))
+    by_role = sorted(PROVIDERS, key=lambda n: ROLE_ORDER.index(PROVIDERS[n].role))  # stable: registration order
+    chosen_providers = _choose("provider", providers, PROVIDERS, by_role)
     if "dense" not in chosen_providers:
-        chosen_providers = ("dense",) + chosen_providers
         notes.append("dense is always timed: it is the baseline of speedup_vs_dense.")
-    else:  # dense first, so every other row of a point can use its time
-        chosen_providers = ("dense",) + tuple(p for p in chosen_providers if p != "dense")
+    # dense first, so every other row of a point can use its time
+    chosen_providers = ("dense",) + tuple(p for p in chosen_providers if p != "dense")
 
     if ms is None:
         chosen_ms = tuple(TINY_M if tiny else DEFAULT_M)
@@ -205,26 +209,16 @@ def resolve_config(*, presets: Optional[Sequence[str]] = None, patterns: Optiona
         out_path = Path(out)
         if out_path.is_dir():
             raise BenchError(f"--out {out} is a directory; give a file name")
+    if append and not out:
+        raise BenchError("appending needs --out (the CSV to add the rows to)")
     chosen_scopes = _choose("scope", scopes, SCOPES, SCOPES)
+    chosen_group = _choose("group provider", group_providers, GROUP_PROVIDERS, GROUP_PROVIDERS)
+    chosen_group = ("dense",) + tuple(p for p in chosen_group if p != "dense")  # the group's baseline
     return BenchConfig(chosen_presets, chosen_patterns, chosen_ms, chosen_providers, torch_dtype, dev,
-                       out_path, timing, seed, check, progress, tuple(notes), chosen_scopes)
+                       out_path, timing, seed, check, progress, tuple(notes), chosen_scopes, chosen_group, append)
 
 
 # ---------------------------------------------------------------- the sweep
-
-def _fmt(v, digits: int = 6) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.{digits}g}"
-    return str(v)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    msg = f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-    return msg if len(msg) <= 300 else msg[:297] + "..."
-
 
 class _Reference:
     """fp32 reference output of a case (the dense V built once)."""
@@ -283,7 +277,7 @@ def _run(config: BenchConfig, log: Callable[[str], None]) -> List[Dict[str, str]
     log(f"writing {config.points} rows to {config.out}")
     config.out.parent.mkdir(parents=True, exist_ok=True)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    common = {"dtype": DTYPE_NAMES[dtype], "bandwidth_GBps": _fmt(bw / 1e9), "peak_TFLOPs": _fmt(peak / 1e12),
+    common = {"dtype": DTYPE_NAMES[dtype], "bandwidth_GBps": fmt(bw / 1e9), "peak_TFLOPs": fmt(peak / 1e12),
               **meta}
     rows: List[Dict[str, str]] = []
     bar = tqdm(total=config.points, disable=not config.progress, file=sys.stderr, dynamic_ncols=True,
@@ -296,18 +290,10 @@ def _run(config: BenchConfig, log: Callable[[str], None]) -> List[Dict[str, str]
 
 
 def _run_sweep(config, common, itemsize, bw, peak, rows, bar) -> None:
-    with open(config.out, "w", newline="") as f, torch.no_grad():
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        f.flush()
-
-        def emit(row: Dict[str, object]) -> None:
-            full = {k: _fmt(row.get(k)) for k in COLUMNS}
-            writer.writerow(full)
-            f.flush()
-            rows.append(full)
-            bar.update(1)
-
+    with RowWriter(config.out, COLUMNS, on_row=lambda row: (rows.append(row), bar.update(1)),
+                   append=config.append) as writer, \
+            torch.no_grad():
+        emit = writer.emit
         for preset_name in config.presets:
             preset = ALL_PRESETS[preset_name]
             for pattern_name in config.patterns:
@@ -332,37 +318,37 @@ def _sweep_group(config, preset, pattern, common, bw, peak, emit, bar) -> None:
         case, error = build_group_case(preset, pattern, dtype, device, seed=config.seed), None
         base["r"] = case.rank
     except Exception as exc:  # noqa: BLE001
-        case, error = None, f"building the group failed: {_describe(exc)}"
+        case, error = None, f"building the group failed: {describe(exc)}"
         _free(device)
     prepared, reasons = {}, {}
-    for name, make in GROUP_PROVIDERS.items():
-        why = [error] if error else group_provider_reasons(name, preset)
+    for name in config.group_providers:
+        make = GROUP_PROVIDERS[name]
+        why = [error] if error else group_provider_reasons(name, preset, device, dtype, pattern.name)
         if why:
             reasons[name] = "; ".join(why)
             continue
         try:
             prepared[name] = make(case)
         except Exception as exc:  # noqa: BLE001
-            reasons[name] = f"preparing failed: {_describe(exc)}"
+            reasons[name] = f"preparing failed: {describe(exc)}"
     for M in config.ms:
         xs = case.inputs(M) if case is not None else None
         dense_ms = None
-        for name in GROUP_PROVIDERS:
+        for name in config.group_providers:
             bar.set_postfix_str(f"{preset.name} group {pattern.name} M={M} {name}", refresh=False)
-            row = dict(base, M=M, provider=name, backend="torch" if name in ("dense", "two_gemm") else "")
+            row = dict(base, M=M, provider=name, role=GROUP_PROVIDERS[name].role)
             if name in reasons:
                 failed = reasons[name].startswith(("building", "preparing"))
                 emit(dict(row, status="failed" if failed else "skipped", reason=reasons[name]))
                 continue
-            run_fn, weight_bytes, flops_fn = prepared[name]
+            run_fn, weight_bytes, flops_fn, row["backend"] = prepared[name]
             try:
-                if name.startswith("fips"):
-                    layer = case.layers[0]
-                    row["backend"] = _dispatched_backend(layer, M)
+                if GROUP_PROVIDERS[name].role == OURS:
+                    row["backend"] = dispatched_backend(case.layers[0], M)
                 t = time_ms(lambda: run_fn(xs), device, config.timing)
             except Exception as exc:  # noqa: BLE001
                 _free(device)
-                emit(dict(row, status="failed", reason=f"running failed: {_describe(exc)}"))
+                emit(dict(row, status="failed", reason=f"running failed: {describe(exc)}"))
                 continue
             nbytes = weight_bytes + case.activation_bytes(M)
             flops = flops_fn(M)
@@ -375,19 +361,13 @@ def _sweep_group(config, preset, pattern, common, bw, peak, emit, bar) -> None:
                       group_compressed_ratio=case.dense_bytes / case.fips_bytes))
 
 
-def _dispatched_backend(layer, M: int) -> str:
-    from .. import dispatch
-
-    return dispatch.select(layer.dispatch_problem(M)).name
-
-
 def _sweep_layers(config, preset, pattern, common, itemsize, bw, peak, emit, bar) -> None:
     device, dtype = config.device, config.dtype
     try:
         cases = build_cases(preset, pattern, dtype, device, seed=config.seed)
         build_error = None
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory: skip the preset's rows, keep going
-        cases, build_error = None, f"building the layers failed: {_describe(exc)}"
+        cases, build_error = None, f"building the layers failed: {describe(exc)}"
         _free(device)
     for kind in ("expand", "contract"):
         case = None if cases is None else next(c for c in cases if c.kind == kind)
@@ -409,7 +389,7 @@ def _sweep_layers(config, preset, pattern, common, itemsize, bw, peak, emit, bar
             try:
                 prepared[name] = PROVIDERS[name].prepare(case)
             except Exception as exc:  # noqa: BLE001 - a peer torch lacks: a reason, not a crash
-                reasons[name] = f"preparing failed: {_describe(exc)}"
+                reasons[name] = f"preparing failed: {describe(exc)}"
                 failed.add(name)
                 _free(device)
         ref = _Reference(case) if case is not None and config.check else None
@@ -419,7 +399,7 @@ def _sweep_layers(config, preset, pattern, common, itemsize, bw, peak, emit, bar
             dense_ms = None
             for name in config.providers:
                 bar.set_postfix_str(f"{preset.name} {kind} {pattern.name} M={M} {name}", refresh=False)
-                row = dict(base, M=M, provider=name)
+                row = dict(base, M=M, provider=name, role=PROVIDERS[name].role)
                 if name in reasons:
                     emit(dict(row, status="failed" if name in failed else "skipped", reason=reasons[name]))
                     continue
@@ -441,7 +421,7 @@ def _sweep_layers(config, preset, pattern, common, itemsize, bw, peak, emit, bar
                     t = time_ms(lambda: p.run(x), device, config.timing)
                 except Exception as exc:  # noqa: BLE001
                     _free(device)
-                    emit(dict(row, status="failed", reason=f"running failed: {_describe(exc)}"))
+                    emit(dict(row, status="failed", reason=f"running failed: {describe(exc)}"))
                     continue
                 nbytes = p.weight_bytes + M * (case.in_features + case.out_features) * itemsize
                 flops = p.flops(M)
@@ -462,45 +442,11 @@ def _sweep_layers(config, preset, pattern, common, itemsize, bw, peak, emit, bar
 
 # ---------------------------------------------------------------- summary
 
-def _num(v) -> Optional[float]:
-    if v is None or v == "":
-        return None
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
 def summary_table(rows: Sequence[Dict[str, object]], providers: Optional[Sequence[str]] = None) -> str:
-    """Speed-up over dense: one line per (preset, kind, pattern, provider), one column per M.
-
-    ``-`` marks a skipped point."""
-    ms: List[int] = []
-    table: "OrderedDict[tuple, Dict[int, str]]" = OrderedDict()
-    for row in rows:
-        prov = str(row["provider"])
-        if prov == "dense" or (providers is not None and prov not in providers):
-            continue
-        M = int(row["M"])
-        if M not in ms:
-            ms.append(M)
-        key = (str(row["preset"]), str(row["kind"]), str(row["pattern"]), prov)
-        s = _num(row.get("speedup_vs_dense"))
-        cell = "-" if row.get("status") != "ok" else ("?" if s is None else f"{s:.2f}" if s >= 0.01 else f"{s:.0e}")
-        table.setdefault(key, {})[M] = cell
-    if not table:
-        return "(no rows)"
-    ms.sort()
-    heads = ("preset", "kind", "pattern", "provider")
-    widths = [max(len(h), *(len(k[i]) for k in table)) for i, h in enumerate(heads)]
-    colw = [max(len(str(m)), 5) for m in ms]
-    lines = ["speed-up over dense (dense time / time; >1 is faster), by M:",
-             "  ".join(h.ljust(w) for h, w in zip(heads, widths)) + "  "
-             + " ".join(str(m).rjust(w) for m, w in zip(ms, colw))]
-    for key, cells in table.items():
-        lines.append("  ".join(k.ljust(w) for k, w in zip(key, widths)) + "  "
-                     + " ".join(cells.get(m, "").rjust(w) for m, w in zip(ms, colw)))
-    return "\n".join(lines)
+    """Speed-up over dense: one line per (preset, kind, pattern, provider), one
+    column per M; then the providers that did not run, once, with their reasons."""
+    return speedup_table(rows, ("preset", "kind", "pattern", "provider"), "M",
+                         "speed-up over dense (dense time / time; >1 is faster), by M:", providers)
 
 
 def summarize_csv(path, providers: Optional[Sequence[str]] = None) -> str:

@@ -1,4 +1,6 @@
-"""What the layer benchmark times: one provider per way of computing a layer.
+"""This package's own ways of computing a layer (role ``ours``) for the layer
+benchmark; the peers and the dense baseline are in :mod:`.peers`, the
+registry and the roles in :mod:`.registry`.
 
 A provider says why it cannot run (like the backends of
 :mod:`fips_kernels.dispatch`) and builds, for one :class:`LayerCase`, a
@@ -9,7 +11,7 @@ arithmetic it does. Adding a provider is one class::
     class MyKernel(Provider):
         name = "my_kernel"
         description = "..."
-        ours = True  # this package's code: failures fail the run
+        role = OURS  # this package's code: failures fail the run
 
         def not_supported_reasons(self, device, dtype, pattern):
             return [] if device.type == "cuda" else ["needs a CUDA GPU"]
@@ -28,15 +30,14 @@ runner); FLOPs count the provider's own arithmetic.
 """
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from .. import dispatch
-from .cases import LayerCase, tensor_bytes
+from .cases import LayerCase
+from .registry import OURS, PROVIDERS, Prepared, Provider, register
+from .sizes import tensor_bytes
 
 __all__ = [
     "Prepared",
@@ -45,61 +46,9 @@ __all__ = [
     "register",
     "factored_flops",
     "dense_flops",
+    "forced_strategy_run",
+    "dispatched_backend",
 ]
-
-
-@dataclass
-class Prepared:
-    """A provider ready to run one layer.
-
-    Attributes:
-        run: ``y = run(x)`` for a 2-D input ``(M, in_features)``.
-        weight_bytes: bytes of everything the provider stores for the layer
-            (weights, indices, metadata, bias) — all of it is read per call.
-        flops: ``M -> arithmetic of one call``.
-        backend: a name, or ``M -> name`` (what actually runs).
-        same_layer: the output is the FiPS layer's (so it is checked against
-            the fp32 reference); False for the dense baseline's random weights.
-    """
-
-    run: Callable[[torch.Tensor], torch.Tensor]
-    weight_bytes: int
-    flops: Callable[[int], int]
-    backend: Union[str, Callable[[int], str]] = "torch"
-    same_layer: bool = True
-
-    def backend_for(self, M: int) -> str:
-        return self.backend(M) if callable(self.backend) else self.backend
-
-
-class Provider:
-    """One way of computing a layer. Subclasses set :attr:`name` and implement
-    :meth:`prepare`; :meth:`not_supported_reasons` lists why it cannot run
-    (an empty list: it can)."""
-
-    name = "?"
-    description = ""
-    ours = False  # this package's own implementation: a failure or wrong output fails `fips-kernels bench`
-
-    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype, pattern: str) -> List[str]:
-        return []
-
-    def prepare(self, case: LayerCase) -> Prepared:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"<provider {self.name}>"
-
-
-PROVIDERS: Dict[str, Provider] = {}
-
-
-def register(cls):
-    """Class decorator: add a provider (in definition order) to :data:`PROVIDERS`."""
-    if cls.name in PROVIDERS:
-        raise ValueError(f"provider {cls.name!r} is registered twice")
-    PROVIDERS[cls.name] = cls()
-    return cls
 
 
 def dense_flops(case: LayerCase, M: int) -> int:
@@ -111,28 +60,9 @@ def factored_flops(case: LayerCase, M: int) -> int:
     return 2 * M * (case.preset.d * case.rank + case.factor.nnz)
 
 
-def _problem(case: LayerCase, M: int) -> dispatch.Problem:
-    """The problem the op builds when the layer runs on ``M`` rows (see ``ops.py``)."""
-    return case.layer.dispatch_problem(M)
-
-
-def _dense_V(case: LayerCase) -> torch.Tensor:
-    """The layer's ``V (r × h)`` as a dense tensor in the case's dtype."""
-    return case.layer.V.detach().contiguous()
-
-
-# ---------------------------------------------------------------- baseline
-
-
-@register
-class Dense(Provider):
-    name = "dense"
-    description = "F.linear with a dense weight of the same shape (cuBLAS): the baseline"
-
-    def prepare(self, case: LayerCase) -> Prepared:
-        W, b = case.dense_weight, case.dense_bias
-        return Prepared(run=lambda x: F.linear(x, W, b), weight_bytes=tensor_bytes(W, b),
-                        flops=lambda M: dense_flops(case, M), backend="torch", same_layer=False)
+def dispatched_backend(layer, M: int) -> str:
+    """The backend dispatch picks when the FiPS ``layer`` runs on ``M`` rows (the problem the op builds)."""
+    return dispatch.select(layer.dispatch_problem(M)).name
 
 
 # ---------------------------------------------------------------- this package
@@ -142,20 +72,20 @@ class Dense(Provider):
 class FiPS(Provider):
     name = "fips"
     description = "the FiPSLinear (dispatched op; the backend dispatch picks)"
-    ours = True
+    role = OURS
 
     def prepare(self, case: LayerCase) -> Prepared:
         layer = case.layer
         return Prepared(run=layer, weight_bytes=case.fips_weight_bytes,
                         flops=lambda M: factored_flops(case, M),
-                        backend=lambda M: dispatch.select(_problem(case, M)).name)
+                        backend=lambda M: dispatched_backend(layer, M))
 
 
 @register
 class Reference(Provider):
     name = "reference"
     description = "the FiPSLinear forced onto the pure-PyTorch reference backend"
-    ours = True
+    role = OURS
 
     def prepare(self, case: LayerCase) -> Prepared:
         layer = case.layer
@@ -172,7 +102,12 @@ class _TritonStrategy(Provider):
     """The Triton backend's kernels with one strategy forced (no op/dispatch overhead)."""
 
     strategy = "?"
-    ours = True
+    role = OURS
+
+    @property
+    def triton_strategy(self) -> str:
+        """The Triton strategy this provider forces (:func:`.triton_launches.row_launches` counts its kernels)."""
+        return self.strategy
 
     def not_supported_reasons(self, device, dtype, pattern):
         import os
@@ -188,7 +123,7 @@ class _TritonStrategy(Provider):
         from ..triton import strategies
 
         strategy = self.strategy
-        run = _forced_strategy_run(strategies, case, strategy)
+        run = _layer_run(strategies, case, strategy)
         if strategy == "reconstruct":  # W rebuilt per call: 2·d·r·h dense-equivalent MACs, then the GEMM
             flops = lambda M: 2 * case.preset.d * case.rank * case.preset.h + dense_flops(case, M)  # noqa: E731
         else:
@@ -211,20 +146,27 @@ class TritonReconstruct(_TritonStrategy):
     strategy = "reconstruct"
 
 
-def _forced_strategy_run(strategies, case: LayerCase, strategy: str) -> Callable:
-    """``x -> y`` of the case's layer through a backend's strategies module with ``strategy`` forced."""
-    layer, factor = case.layer, case.factor
-    U, b = layer.base.operand, layer.bias.detach() if layer.bias is not None else None
-    if case.kind == "expand":
-        return lambda x: strategies.expand(x, U, factor, b, strategy=strategy)
-    return lambda x: strategies.contract(x, U, factor, b, strategy=strategy)
+def forced_strategy_run(strategies, kind: str, U, factor, bias: Optional[torch.Tensor], strategy: str) -> Callable:
+    """``x -> y`` of one layer (``U`` the base operand, ``factor`` its B) through a backend's
+    ``StrategySet`` (``fips_kernels.<backend>.strategies.STRATEGIES``) with ``strategy`` forced: what the
+    ``triton_*`` and ``cuda_*`` providers time (and what ``scripts/gpu_check.py --plan`` drives to count
+    the Triton kernels they compile)."""
+    if kind == "expand":
+        return lambda x: strategies.expand(x, U, factor, bias, strategy=strategy)
+    return lambda x: strategies.contract(x, U, factor, bias, strategy=strategy)
+
+
+def _layer_run(strategies, case: LayerCase, strategy: str) -> Callable:
+    layer = case.layer
+    bias = layer.bias.detach() if layer.bias is not None else None
+    return forced_strategy_run(strategies.STRATEGIES, case.kind, layer.base.operand, case.factor, bias, strategy)
 
 
 class _CudaStrategy(Provider):
     """The CUDA backend's strategies with one forced (no op/dispatch overhead)."""
 
     strategy = "?"
-    ours = True
+    role = OURS
 
     def not_supported_reasons(self, device, dtype, pattern):
         from ..cuda.spmm import KERNEL_DTYPES, unavailable_reason
@@ -261,9 +203,9 @@ class _CudaStrategy(Provider):
             if why:
                 raise ValueError("the 2:4 path cannot run this layer: " + "; ".join(why))
             Bt, U_pad = sparse24.operands(U, factor, case.kind, strict=True)
-            weight_bytes = sparse24.tensor_nbytes(Bt) + tensor_bytes(U_pad, b)
+            weight_bytes = tensor_bytes(Bt, U_pad, b)
             r_pad = U_pad.shape[1]
-        run = _forced_strategy_run(strategies, case, strategy)
+        run = _layer_run(strategies, case, strategy)
         return Prepared(run=run, weight_bytes=weight_bytes, flops=self._flops(case, r_pad),
                         backend=f"cuda/{strategy}")
 
@@ -299,111 +241,6 @@ class CudaSparse24(_CudaStrategy):
         return reasons
 
 
-# ---------------------------------------------------------------- peers
-# What a user would otherwise run: the FiPS authors' own inference paths.
-
-
-@register
-class TwoGemm(Provider):
-    name = "two_gemm"
-    description = "two dense GEMMs (x·U)·V (contract: (x·Vᵀ)·Uᵀ) with V stored dense"
-
-    def prepare(self, case: LayerCase) -> Prepared:
-        U, V, b = case.layer.base.matrix().detach(), _dense_V(case), case.layer.bias
-        b = b.detach() if b is not None else None
-        if case.kind == "expand":
-            def run(x):
-                z = x @ U
-                return torch.addmm(b, z, V) if b is not None else z @ V
-        else:
-            Vt, Ut = V.t(), U.t()
-
-            def run(x):
-                z = x @ Vt
-                return torch.addmm(b, z, Ut) if b is not None else z @ Ut
-        r, h = V.shape
-        return Prepared(run=run, weight_bytes=tensor_bytes(U, V, b),
-                        flops=lambda M: 2 * M * (case.preset.d * r + r * h), backend="torch")
-
-
-@register
-class CsrRebuild(Provider):
-    name = "csr_rebuild"
-    description = "V as a torch CSR tensor; W = U·V rebuilt every call (torch.sparse.mm), then F.linear"
-
-    def prepare(self, case: LayerCase) -> Prepared:
-        U, b = case.layer.base.matrix().detach(), case.layer.bias
-        b = b.detach() if b is not None else None
-        Vt = _dense_V(case).t().contiguous()  # (h × r): torch.sparse.mm wants the sparse operand first
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-            Vt_csr = Vt.to_sparse_csr()
-        del Vt
-        Ut = U.t().contiguous()  # (r × d)
-        expand = case.kind == "expand"
-
-        def run(x):
-            Wt = torch.sparse.mm(Vt_csr, Ut)  # Vᵀ·Uᵀ (h × d): the expand weight; its transpose is the contract's
-            return F.linear(x, Wt if expand else Wt.t(), b)
-
-        nnz = Vt_csr.values().numel()
-        stored = tensor_bytes(Vt_csr.crow_indices(), Vt_csr.col_indices(), Vt_csr.values(), Ut, b)
-        d = case.preset.d
-        return Prepared(run=run, weight_bytes=stored,
-                        flops=lambda M: 2 * d * nnz + dense_flops(case, M), backend="torch.sparse")
-
-
-@register
-class SemiStructured24(Provider):
-    name = "semi_structured_24"
-    description = ("2:4 factor on sparse tensor cores (torch.sparse.to_sparse_semi_structured), "
-                   "two F.linear calls; the rank padded with zeros to a multiple of 64")
-
-    PAD = 64  # both cuSPARSELt (16) and CUTLASS (32 rows, 64 columns) accept multiples of 64
-
-    def not_supported_reasons(self, device, dtype, pattern):
-        reasons = []
-        if pattern != "2:4":
-            reasons.append(f"sparse tensor cores need the 2:4 pattern, not {pattern}")
-        if device.type != "cuda":
-            reasons.append(f"needs a CUDA GPU (input is on {device.type})")
-        elif torch.cuda.is_available() and torch.cuda.get_device_capability(device) < (8, 0):
-            cap = torch.cuda.get_device_capability(device)
-            reasons.append(f"needs compute capability 8.0+, this GPU is {cap[0]}.{cap[1]}")
-        if dtype not in (torch.float16, torch.bfloat16):
-            reasons.append(f"needs float16 or bfloat16, not {str(dtype).replace('torch.', '')}")
-        if not hasattr(torch.sparse, "to_sparse_semi_structured"):
-            reasons.append(f"torch {torch.__version__} has no torch.sparse.to_sparse_semi_structured")
-        return reasons
-
-    def prepare(self, case: LayerCase) -> Prepared:
-        U, b = case.layer.base.matrix().detach(), case.layer.bias
-        b = b.detach() if b is not None else None
-        r = case.rank
-        pad = -r % self.PAD
-        U_pad = F.pad(U, (0, pad)).contiguous()  # (d × r_pad), zero columns
-        V = _dense_V(case)  # (r × h)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if case.kind == "expand":  # y = (x·U)·V: the sparse operand is Vᵀ (h × r), 2:4 along r
-                A = torch.sparse.to_sparse_semi_structured(F.pad(V.t(), (0, pad)).contiguous())
-
-                def run(x):
-                    return F.linear(x @ U_pad, A, b)
-            else:  # y = (x·Vᵀ)·Uᵀ: the sparse operand is V (r × h), 2:4 along h
-                A = torch.sparse.to_sparse_semi_structured(F.pad(V, (0, 0, 0, pad)).contiguous())
-
-                def run(x):
-                    return F.linear(F.linear(x, A), U_pad, b)
-        del V
-        names = A.__tensor_flatten__()[0]
-        stored = sum(tensor_bytes(getattr(A, n)) for n in names) + tensor_bytes(U_pad, b)
-        r_pad, h, d = r + pad, case.preset.h, case.preset.d
-        return Prepared(run=run, weight_bytes=stored,
-                        flops=lambda M: 2 * M * (d * r_pad + r_pad * h // 2),
-                        backend=str(getattr(A, "BACKEND", type(A).__name__)))
-
-
 def provider_names() -> List[str]:
     return list(PROVIDERS)
 
@@ -412,7 +249,8 @@ def get(name: str) -> Optional[Provider]:
     return PROVIDERS.get(name)
 
 
-__all__ += ["provider_names", "get", "Dense", "FiPS", "Reference", "TritonFactored", "TritonReconstruct",
-            "CudaFactored", "CudaReconstruct", "CudaSparse24", "TwoGemm", "CsrRebuild", "SemiStructured24"]
+__all__ += ["provider_names", "get", "FiPS", "Reference", "TritonFactored", "TritonReconstruct",
+            "CudaFactored", "CudaReconstruct", "CudaSparse24"]
 
 from . import hashed_providers  # noqa: E402,F401  (registers hashed_fwd, hashed_materialize)
+from . import peers  # noqa: E402,F401  (registers the dense baseline and the peers)

@@ -107,7 +107,9 @@ def _epilogue(acc, bias_ptr, offs_n, N, HAS_BIAS: tl.constexpr, ACT: tl.constexp
     return acc
 
 
-@triton.jit
+# M is not specialized: otherwise M = 1 (decode) compiles a kernel of its own beside M = 2..16 (and, with
+# autotuning, every config of its key again), for masks the compiler would fold; see fips_kernels.bench.gpu_plan.
+@triton.jit(do_not_specialize=["M"])
 def _sparse_b_kernel(
     a_ptr, stride_am, stride_ak,
     v0_ptr, x0_ptr, y0_ptr, s0_ptr, bias0_ptr,
@@ -118,7 +120,7 @@ def _sparse_b_kernel(
     FMT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr, NM_BITS: tl.constexpr,
     QBITS: tl.constexpr, QG: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SPLIT_K: tl.constexpr,
     TRANS_B: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    M_BUCKET: tl.constexpr, TILE_K: tl.constexpr, TILE_N: tl.constexpr,  # autotune keys only
+    M_BUCKET, N_BUCKET, K_BUCKET, TILE_K, TILE_N,  # autotune keys only: plain ints, so they compile nothing
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -163,7 +165,7 @@ def _sparse_b_kernel(
             tl.store(ws + SPLIT_K * M * N, acc1, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _reduce_kernel(ws_ptr, bias0_ptr, bias1_ptr, out_ptr, stride_om, stride_on, M, N,
                    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SPLIT_K: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -186,16 +188,26 @@ def _reduce_kernel(ws_ptr, bias0_ptr, bias1_ptr, out_ptr, stride_om, stride_on, 
 
 
 # ---------------------------------------------------------------- autotuning
-# On a GPU the block shape and warps are autotuned per (M bucket, N, K,
-# format, pattern, orientation, split): the key is what changes the best
-# choice, so every layer shape of a model is tuned once. Configs are pruned to
-# valid ones first: a bitmap kernel tile must be its storage tile, an N:M
+# On a GPU the block shape and warps come, in this order, from the committed
+# per-GPU table (fips_kernels/tuning/triton_configs.json, filled by a GPU run's
+# tuned stage), else from autotuning per key, else (FIPS_KERNELS_AUTOTUNE=0, or
+# the interpreter) from the fixed heuristic of choose_config. The key is what
+# changes the best choice, bucketed so that it does not explode: M by block
+# rows (16 / 32 / 64 / 128), N and K by the next power of two (every shape
+# within a factor of two shares a config), the format and its pattern, the
+# orientation, gating, split-K and the dtype; bias and activation (epilogue
+# only) are not in it. Configs are pruned to valid ones first: a bitmap kernel
+# tile must be its storage tile (those configs are made from the tile), an N:M
 # K block must hold whole groups, and BLOCK_M follows the M bucket.
-# FIPS_KERNELS_AUTOTUNE=0 uses the fixed heuristic of choose_config instead.
 
 AUTOTUNE = not INTERPRETED and os.environ.get("FIPS_KERNELS_AUTOTUNE", "1") != "0"
-TUNE_KEY = ["M_BUCKET", "N", "K", "FMT", "NM_N", "NM_M", "QBITS", "TILE_K", "TILE_N", "TRANS_B", "GATED",
-            "SPLIT_K", "HAS_BIAS", "ACT", "DOT_DTYPE"]
+TUNE_KEY = ["M_BUCKET", "N_BUCKET", "K_BUCKET", "FMT", "NM_N", "NM_M", "QBITS", "TILE_K", "TILE_N", "TRANS_B",
+            "GATED", "SPLIT_K", "DOT_DTYPE"]
+# (BLOCK_N, BLOCK_K, num_warps) tried at every M bucket: small tiles for the memory-bound decode, large ones for
+# many rows. Few on purpose: each config of each key is one compile (~1.3 s on Triton 3.6 / sm_90).
+BLOCK_SHAPES = ((64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8))
+NUM_STAGES = 3
+BITMAP_WARPS = (4, 8)
 
 
 def m_bucket(M: int) -> int:
@@ -203,35 +215,63 @@ def m_bucket(M: int) -> int:
     return 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
 
 
+def shape_bucket(n: int) -> int:
+    """N or K in the autotune key: the next power of two (at least 16)."""
+    return max(16, 1 << (max(1, int(n)) - 1).bit_length())
+
+
 def tune_configs():
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
-            for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for bk in (32, 64, 128) for w in (4, 8)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=NUM_STAGES)
+            for bm in (16, 32, 64, 128) for bn, bk, w in BLOCK_SHAPES]
+
+
+def _bitmap_blocks(args) -> tuple:
+    """(BLOCK_K, BLOCK_N) of a bitmap factor's kernel: its storage tile (transposed for TRANS_B)."""
+    return (args["TILE_N"], args["TILE_K"]) if args["TRANS_B"] else (args["TILE_K"], args["TILE_N"])
+
+
+def valid_blocks(args, block_m: int, block_n: int, block_k: int) -> bool:
+    """Whether a block shape can run a call with these kernel arguments (see the comment above)."""
+    if block_m != args["M_BUCKET"]:
+        return False
+    fmt = args["FMT"]
+    if fmt == FMT_CODES["bitmap"]:
+        return (block_k, block_n) == _bitmap_blocks(args)
+    if fmt == FMT_CODES["nm"]:
+        grouped = block_n if args["TRANS_B"] else block_k  # the block along the N:M reduction axis
+        # whole groups per block; 64 keeps the decode's 3-D tile a power of two
+        return grouped % args["NM_M"] == 0 and grouped >= 64 and block_n != 32 and block_k != 32
+    return True
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Keep the configs that are valid for this call (see the comment above)."""
+    """The configs that are valid for this call: for a bitmap factor one per warp count at its storage
+    tile (whatever ``configs`` holds), else those of ``configs`` that :func:`valid_blocks` accepts.
+    Raises ``ValueError`` when none is: a wrong block shape would give wrong results, not an error."""
     args = {**named_args, **kwargs}
-    fmt, trans = args["FMT"], args["TRANS_B"]
-    keep = []
-    for c in configs:
-        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if bm != args["M_BUCKET"]:
-            continue
-        if fmt == FMT_CODES["bitmap"]:
-            tile = (args["TILE_N"], args["TILE_K"]) if trans else (args["TILE_K"], args["TILE_N"])
-            if (bk, bn) != tile:
-                continue
-        elif fmt == FMT_CODES["nm"]:
-            if (bn if trans else bk) % args["NM_M"] or (bn if trans else bk) < 64:
-                continue  # whole groups per block; 64 keeps the decode's 3-D tile a power of two
-            if bn == 32 or bk == 32:
-                continue
-        keep.append(c)
-    return keep or configs[:1]
+    if args["FMT"] == FMT_CODES["bitmap"]:
+        bk, bn = _bitmap_blocks(args)
+        return [triton.Config({"BLOCK_M": args["M_BUCKET"], "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
+                              num_stages=NUM_STAGES) for w in BITMAP_WARPS]
+    keep = [c for c in configs if valid_blocks(args, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])]
+    if not keep:
+        raise ValueError(f"triton sparse matmul: no autotune config fits {dict((k, args.get(k)) for k in TUNE_KEY)}")
+    return keep
 
 
 _sparse_b_kernel_tuned = triton.autotune(configs=tune_configs(), key=TUNE_KEY,
                                          prune_configs_by={"early_config_prune": prune_configs})(_sparse_b_kernel)
+
+
+def tuned_configs() -> list:
+    """What autotuning chose in this process, as entries of ``tuning/triton_configs.json``:
+    ``[{"key": {TUNE_KEY name: value}, "config": {BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages}}]``."""
+    out = []
+    for key, cfg in getattr(_sparse_b_kernel_tuned, "cache", {}).items():
+        named = dict(zip(TUNE_KEY, key))  # then the tensors' dtypes, which DOT_DTYPE already says
+        named = {k: (str(v) if k == "DOT_DTYPE" else v) for k, v in named.items()}
+        out.append({"key": named, "config": dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)})
+    return out
 
 
 # ---------------------------------------------------------------- launch
@@ -247,6 +287,11 @@ class LaunchConfig:
 
 
 _TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _on_gpu(device: torch.device) -> bool:
+    """Whether launches on ``device`` compile for a GPU (the per-GPU table and autotuning apply)."""
+    return device.type == "cuda"
 
 
 def _sm_count(device: torch.device) -> int:
@@ -276,6 +321,29 @@ def choose_config(M: int, N: int, K: int, factor: SparseFactor, device: torch.de
     return LaunchConfig(block_m, block_n, block_k, split_k)
 
 
+def tune_key(M: int, N: int, K: int, factor: SparseFactor, transpose: bool, gated: bool, split: int,
+             dtype: torch.dtype) -> dict:
+    """The autotune key of a call (``TUNE_KEY`` names -> values), as the kernel receives it and as
+    ``tuning/triton_configs.json`` stores it (there with ``DOT_DTYPE`` as its name, e.g. ``fp16``)."""
+    n, m = (factor.n, factor.m) if factor.format == "nm" else (1, 2)
+    tile = factor.tile if factor.format == "bitmap" else (0, 0)
+    return dict(M_BUCKET=m_bucket(M), N_BUCKET=shape_bucket(N), K_BUCKET=shape_bucket(K),
+                FMT=FMT_CODES[factor.format], NM_N=n, NM_M=m, QBITS=factor.qbits or 0, TILE_K=tile[0],
+                TILE_N=tile[1], TRANS_B=bool(transpose), GATED=bool(gated), SPLIT_K=split,
+                DOT_DTYPE=_TORCH_TO_TL[dtype])
+
+
+def _table_config(device: torch.device, key: dict, split_k: int) -> Optional[LaunchConfig]:
+    """The committed per-GPU config for this key (``tuning/triton_configs.json``), if any and valid."""
+    from ..tuning import triton_config
+
+    found = triton_config(device, dict(key, DOT_DTYPE=str(key["DOT_DTYPE"])))
+    if found is None or not valid_blocks(key, found["BLOCK_M"], found["BLOCK_N"], found["BLOCK_K"]):
+        return None
+    return LaunchConfig(found["BLOCK_M"], found["BLOCK_N"], found["BLOCK_K"], split_k,
+                        found.get("num_warps", 4), found.get("num_stages", NUM_STAGES))
+
+
 def _check_kernel_args(a: torch.Tensor, factor: SparseFactor, transpose: bool) -> None:
     if factor.format not in FMT_CODES:
         raise ValueError(f"triton sparse matmul: format {factor.format!r} has no Triton kernel")
@@ -295,7 +363,7 @@ def sparse_matmul(a: torch.Tensor, factor: SparseFactor, bias: Optional[torch.Te
                   activation: Optional[str] = None, *, up: Optional[SparseFactor] = None,
                   up_bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
                   split_k: Optional[int] = None, out: Optional[torch.Tensor] = None,
-                  transpose: bool = False) -> torch.Tensor:
+                  transpose: bool = False, config: Optional[LaunchConfig] = None) -> torch.Tensor:
     """``act(a · B + bias)``, or with ``up`` given ``silu(a·B + bias) * (a·B_up + up_bias)``;
     with ``transpose=True``, ``act(a · Bᵀ + bias)`` (not gated).
 
@@ -306,6 +374,8 @@ def sparse_matmul(a: torch.Tensor, factor: SparseFactor, bias: Optional[torch.Te
         up, up_bias: the second factor of a gated pair (same format and shape).
         out_dtype: default ``a.dtype``. split_k: override the heuristic.
         out: optional ``(M, N)`` output (any strides).
+        config: launch exactly these block sizes and warps (checked by :func:`valid_blocks`) instead of
+            the per-GPU table, autotuning or the heuristic; its ``split_k`` unless ``split_k`` is given.
     Returns:
         ``(M, N)``.
     """
@@ -325,23 +395,29 @@ def sparse_matmul(a: torch.Tensor, factor: SparseFactor, bias: Optional[torch.Te
         out = torch.empty(M, N, device=a.device, dtype=out_dtype)
     if M == 0 or N == 0:
         return out
-    cfg = choose_config(M, N, K, factor, a.device, split_k, transpose)
-    tuned = AUTOTUNE and a.device.type == "cuda"
-    # Splits start on multiples of the largest K block any config may use, so
-    # they hold whole N:M groups and whole bitmap tiles whatever is tuned.
-    k_align = cfg.block_k if factor.format == "bitmap" or not tuned else 128
-    k_per_split = max(1, triton.cdiv(triton.cdiv(K, k_align), cfg.split_k)) * k_align
+    heuristic = choose_config(M, N, K, factor, a.device, split_k if config is None else split_k or config.split_k,
+                              transpose)
+    # Splits start on multiples of the largest K block any config may use (a bitmap's is its tile), so
+    # they hold whole N:M groups and whole bitmap tiles whatever the table or autotuning picks.
+    k_align = heuristic.block_k if factor.format == "bitmap" else 128
+    k_per_split = max(1, triton.cdiv(triton.cdiv(K, k_align), heuristic.split_k)) * k_align
     split = max(1, triton.cdiv(K, k_per_split))
+    key = tune_key(M, N, K, factor, transpose, gated, split, a.dtype)
+    n, m, tile, dot_dtype = key["NM_N"], key["NM_M"], (key["TILE_K"], key["TILE_N"]), key["DOT_DTYPE"]
+    if config is None and _on_gpu(a.device):
+        config = _table_config(a.device, key, split)
+    tuned = config is None and AUTOTUNE and _on_gpu(a.device)
+    cfg = config or heuristic
+    if not tuned and not valid_blocks(dict(key, M_BUCKET=cfg.block_m), cfg.block_m, cfg.block_n, cfg.block_k):
+        raise ValueError(f"triton sparse matmul: blocks ({cfg.block_m}, {cfg.block_n}, {cfg.block_k}) cannot run "
+                         f"a {factor.format} factor {tuple(factor.shape)} (tile {tile}, transpose={transpose})")
     ws = (torch.empty((2 if gated else 1) * split * M * N, device=a.device, dtype=torch.float32)
           if split > 1 else out)
     g_aux = list(factor.aux_tensors) + [factor.values, factor.values]
     u = up if gated else factor
     u_aux = list(u.aux_tensors) + [u.values, u.values]
-    n, m = (factor.n, factor.m) if factor.format == "nm" else (1, 2)
 
-    dot_dtype = _TORCH_TO_TL[a.dtype]
     has_bias = bias is not None
-    tile = factor.tile if factor.format == "bitmap" else (0, 0)
     if tuned:
         kernel = _sparse_b_kernel_tuned
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
@@ -359,11 +435,11 @@ def sparse_matmul(a: torch.Tensor, factor: SparseFactor, bias: Optional[torch.Te
         up_bias if gated and has_bias else factor.values,
         out, out.stride(0), out.stride(1), ws,
         M, N, K, k_per_split,
-        FMT=FMT_CODES[factor.format], NM_N=n, NM_M=m, NM_BITS=nm_bits(m),
-        QBITS=factor.qbits or 0, QG=factor.qgroup or 1,
+        FMT=key["FMT"], NM_N=n, NM_M=m, NM_BITS=nm_bits(m), QBITS=key["QBITS"], QG=factor.qgroup or 1,
         GATED=gated, HAS_BIAS=has_bias, ACT=ACTIVATIONS[activation], SPLIT_K=split,
         TRANS_B=transpose, DOT_DTYPE=dot_dtype, PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        M_BUCKET=m_bucket(M), TILE_K=tile[0], TILE_N=tile[1], **launch,
+        M_BUCKET=key["M_BUCKET"], N_BUCKET=key["N_BUCKET"], K_BUCKET=key["K_BUCKET"], TILE_K=tile[0],
+        TILE_N=tile[1], **launch,
     )
     if split > 1:
         rm, rn = 32, 64

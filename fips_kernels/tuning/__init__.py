@@ -56,3 +56,6 @@ def reconstruct_min_m(device: torch.device, kind: str, factor: Union[SparseFacto
 def forced_strategy(forced: Optional[str] = None) -> str:
     """The strategy forced by the argument, else by ``FIPS_KERNELS_STRATEGY`` ('' if none)."""
     return (forced or os.environ.get(STRATEGY_ENV, "")).strip().lower()
+
+
+from .triton_configs import triton_config  # noqa: E402,F401  (the per-GPU Triton config table beside the crossovers)

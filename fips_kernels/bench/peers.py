@@ -1,0 +1,321 @@
+"""The peers and the dense baseline: every way of computing a layer that is
+not this package's, each defined once, for every benchmark.
+
+A peer is what a user would otherwise run (role ``peer``); the dense baseline
+(role ``baseline``) is the denominator of every speed-up. Each is one
+:class:`Peer` subclass registered with :func:`register_peer` in :data:`PEERS`,
+with the **faces** it has:
+
+* ``speed`` — :meth:`Peer.replace`: the peer's form of a FiPS group (the
+  *same* factors and base, so outputs are comparable), as modules
+  ``(shared, [one module per layer])``; ``shared`` holds the group's tensors
+  once. From it come, with no further code per peer, the layer benchmark's
+  rows (:meth:`Peer.prepare`, the ``fips-kernels bench`` provider), the group
+  rows (:meth:`Peer.group`) and the end-to-end model variant
+  (``fips-kernels bench-e2e`` installs the modules in the model). Each module
+  counts its own arithmetic (``flops(M)``) and names what runs (``backend``).
+* ``quality`` — :meth:`Peer.compress_linear` ``(linear) -> (module,
+  stored_bytes)``: compress one trained ``nn.Linear`` the peer's way, for the
+  quality-per-byte benchmark. No peer has it yet; round-to-nearest int8/int4,
+  HQQ or GPTQ are added as one subclass each that implements only this
+  method, registered here like the others (a peer with only the quality face
+  is left out of the speed benchmarks: :func:`peers_with`).
+
+Adding a peer is one subclass::
+
+    @register_peer
+    class MyPeer(Peer):
+        name = "my_peer"
+        description = "..."
+
+        def not_supported_reasons(self, device, dtype, pattern):
+            return [] if device.type == "cuda" else ["needs a CUDA GPU"]
+
+        def replace(self, base, layers):
+            shared = SharedTensors(U=base.matrix().detach())
+            return shared, [MyLinear(layer.kind, shared, layer.bias, ...) for layer in layers]
+
+This package's own providers (``fips``, ``triton_*``, ``cuda_*``, …, role
+``ours``) are in :mod:`.providers`; roles are declared in :mod:`.registry`.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import BASELINE, PEER, PROVIDERS, Prepared, Provider
+from .sizes import module_bytes, tensor_bytes
+
+__all__ = ["Peer", "PEERS", "register_peer", "peers_with", "FACES", "SharedTensors", "PeerLinear",
+           "DenseBaseline", "TwoGemm", "CsrRebuild", "SemiStructured24"]
+
+FACES = ("speed", "quality")
+PEERS: Dict[str, "Peer"] = {}
+
+
+def _bias(layer: nn.Module) -> Optional[torch.Tensor]:
+    b = getattr(layer, "bias", None)
+    return None if b is None else b.detach()
+
+
+def _cuda_reasons(device: torch.device) -> List[str]:
+    if device.type != "cuda":
+        return [f"needs a CUDA GPU (input is on {device.type})"]
+    if torch.cuda.is_available() and torch.cuda.get_device_capability(device) < (8, 0):
+        cap = torch.cuda.get_device_capability(device)
+        return [f"needs compute capability 8.0+, this GPU is {cap[0]}.{cap[1]}"]
+    return []
+
+
+# ---------------------------------------------------------------- the modules of the speed face
+
+class SharedTensors(nn.Module):
+    """One group's shared tensors for a peer (registered once per model)."""
+
+    def __init__(self, **tensors: torch.Tensor):
+        super().__init__()
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+
+
+class PeerLinear(nn.Module):
+    """A peer's form of one FiPS layer ``(*, in_features) -> (*, out_features)``;
+    the group's tensors live in ``shared`` (a plain reference: whoever owns
+    the modules registers ``shared`` once)."""
+
+    backend = "torch"
+
+    def __init__(self, kind: str, in_features: int, out_features: int, shared: SharedTensors,
+                 bias: Optional[torch.Tensor], **own: torch.Tensor):
+        super().__init__()
+        object.__setattr__(self, "_shared", shared)
+        self.kind, self.in_features, self.out_features = kind, in_features, out_features
+        for name, t in own.items():
+            self.register_buffer(name, t)
+        self.register_buffer("bias", bias)
+
+    def flops(self, M: int) -> int:
+        """Arithmetic of one call on ``M`` rows."""
+        raise NotImplementedError
+
+
+class TwoGemmLinear(PeerLinear):
+    """``(x·U)·V + b`` (contract ``(x·Vᵀ)·Uᵀ + b``), V stored dense."""
+
+    def forward(self, x):
+        U = self._shared.U
+        if self.kind == "expand":
+            return F.linear(F.linear(x, U.t()), self.V.t(), self.bias)
+        return F.linear(F.linear(x, self.V), U, self.bias)
+
+    def flops(self, M: int) -> int:
+        return 2 * M * (self._shared.U.numel() + self.V.numel())
+
+
+class CsrRebuildLinear(PeerLinear):
+    """``W = U·V`` rebuilt every call from a CSR ``Vᵀ`` (``torch.sparse.mm``), then ``F.linear``."""
+
+    backend = "torch.sparse"
+
+    def forward(self, x):
+        Wt = torch.sparse.mm(self.Vt_csr, self._shared.Ut)  # (h × d): the expand weight; its transpose the contract's
+        return F.linear(x, Wt if self.kind == "expand" else Wt.t(), self.bias)
+
+    def flops(self, M: int) -> int:
+        d = self._shared.Ut.shape[1]
+        return 2 * d * self.Vt_csr.values().numel() + 2 * M * self.in_features * self.out_features
+
+
+class SemiStructuredLinear(PeerLinear):
+    """The 2:4 factor on sparse tensor cores (``to_sparse_semi_structured``),
+    the rank zero-padded to a multiple of :attr:`SemiStructured24.PAD`."""
+
+    @property
+    def backend(self) -> str:
+        return str(getattr(self.A, "BACKEND", type(self.A).__name__))
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        U = self._shared.U_pad
+        if self.kind == "expand":  # y = (x·U)·V: the sparse operand is Vᵀ (h × r), 2:4 along r
+            y = F.linear(x2 @ U, self.A, self.bias)
+        else:  # y = (x·Vᵀ)·Uᵀ: the sparse operand is V (r × h), 2:4 along h
+            y = F.linear(F.linear(x2, self.A), U, self.bias)
+        return y.reshape(*lead, y.shape[-1])
+
+    def flops(self, M: int) -> int:
+        d, r_pad = self._shared.U_pad.shape
+        h = self.out_features if self.kind == "expand" else self.in_features
+        return 2 * M * (d * r_pad + r_pad * h // 2)
+
+
+# ---------------------------------------------------------------- the registry
+
+class Peer(Provider):
+    """A peer (or the baseline): see the module docstring for its faces."""
+
+    role = PEER
+
+    def replace(self, base, layers: Sequence[nn.Module]) -> Tuple[nn.Module, List[nn.Module]]:
+        """Speed face: this peer's form of ``layers`` (FiPS layers sharing ``base``):
+        ``(shared, modules)``, one module per layer, in order."""
+        raise NotImplementedError
+
+    def compress_linear(self, linear: nn.Linear) -> Tuple[nn.Module, int]:
+        """Quality face: ``linear`` compressed this peer's way, and its stored bytes."""
+        raise NotImplementedError
+
+    @property
+    def faces(self) -> Tuple[str, ...]:
+        mine = type(self)
+        has = {"speed": mine.replace is not Peer.replace or mine.prepare is not Peer.prepare,
+               "quality": mine.compress_linear is not Peer.compress_linear}
+        return tuple(f for f in FACES if has[f])
+
+    # -- derived from the speed face
+    def prepare(self, case) -> Prepared:
+        """Layer face: the case's layer in this peer's form."""
+        shared, (mod,) = self.replace(case.layer.base, [case.layer])
+        return Prepared(run=mod, weight_bytes=module_bytes(shared, mod), flops=mod.flops, backend=mod.backend)
+
+    def group(self, case):
+        """Group face: every layer of a :class:`~.group.GroupCase` back to back (a :class:`~.group.GroupRun`)."""
+        from .group import GroupRun
+
+        shared, mods = self.replace(case.group.base, case.layers)
+
+        def run(xs):
+            y = None
+            for mod in mods:
+                y = mod(xs[mod.kind])
+            return y
+
+        return GroupRun(run, module_bytes(shared, *mods), lambda M: sum(mod.flops(M) for mod in mods),
+                        mods[0].backend if mods else "torch")
+
+
+def register_peer(cls):
+    """Class decorator: add a peer to :data:`PEERS` and, when it has the speed
+    face, to the layer benchmark's providers."""
+    peer = cls()
+    if peer.role not in (PEER, BASELINE):
+        raise ValueError(f"peer {cls.name!r}: role {peer.role!r} must be {PEER!r} or {BASELINE!r}")
+    if cls.name in PEERS or cls.name in PROVIDERS:
+        raise ValueError(f"peer {cls.name!r} is registered twice")
+    PEERS[cls.name] = peer
+    if "speed" in peer.faces:
+        PROVIDERS[cls.name] = peer
+    return cls
+
+
+def peers_with(face: str) -> Dict[str, Peer]:
+    """The registered peers (and baseline) that have ``face``, in registration order."""
+    if face not in FACES:
+        raise ValueError(f"unknown face {face!r}; faces: {FACES}")
+    return {name: p for name, p in PEERS.items() if face in p.faces}
+
+
+@register_peer
+class DenseBaseline(Peer):
+    name = "dense"
+    role = BASELINE
+    description = "F.linear with a dense weight of the same shape (cuBLAS): the baseline"
+
+    @staticmethod
+    def linear(in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device,
+               generator: torch.Generator) -> nn.Linear:
+        """A dense ``nn.Linear`` of that shape with random weights (:func:`.cases.random_dense`)."""
+        from .cases import random_dense
+
+        W, b = random_dense(out_features, in_features, bias, dtype, generator, device)
+        lin = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(W)
+            if bias:
+                lin.bias.copy_(b)
+        return lin.requires_grad_(False)
+
+    def prepare(self, case) -> Prepared:
+        W, b = case.dense_weight, case.dense_bias
+        return Prepared(run=lambda x: F.linear(x, W, b), weight_bytes=tensor_bytes(W, b),
+                        flops=lambda M: 2 * M * case.in_features * case.out_features, same_layer=False)
+
+    def group(self, case):
+        from .group import GroupRun
+
+        kinds = [layer.kind for layer in case.layers]
+        dense = case.dense
+
+        def run(xs):
+            y = None
+            for kind, (W, b) in zip(kinds, dense):
+                y = F.linear(xs[kind], W, b)
+            return y
+
+        return GroupRun(run, case.dense_bytes, case.dense_flops)
+
+
+@register_peer
+class TwoGemm(Peer):
+    name = "two_gemm"
+    description = "two dense GEMMs (x·U)·V (contract: (x·Vᵀ)·Uᵀ) with V stored dense: the FiPS authors' path"
+
+    def replace(self, base, layers):
+        shared = SharedTensors(U=base.matrix().detach())
+        return shared, [TwoGemmLinear(l.kind, l.in_features, l.out_features, shared, _bias(l),
+                                      V=l.V.detach().contiguous()) for l in layers]
+
+
+@register_peer
+class CsrRebuild(Peer):
+    name = "csr_rebuild"
+    description = "V as a torch CSR tensor; W = U·V rebuilt every call (torch.sparse.mm), then F.linear"
+
+    def replace(self, base, layers):
+        shared = SharedTensors(Ut=base.matrix().detach().t().contiguous())  # (r × d)
+        mods = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            for l in layers:  # torch.sparse.mm wants the sparse operand first: Vᵀ (h × r)
+                Vt = l.V.detach().t().contiguous().to_sparse_csr()
+                mods.append(CsrRebuildLinear(l.kind, l.in_features, l.out_features, shared, _bias(l), Vt_csr=Vt))
+        return shared, mods
+
+
+@register_peer
+class SemiStructured24(Peer):
+    name = "semi_structured_24"
+    description = ("2:4 factor on sparse tensor cores (torch.sparse.to_sparse_semi_structured), "
+                   "two F.linear calls; the rank padded with zeros to a multiple of 64")
+
+    PAD = 64  # both cuSPARSELt (16) and CUTLASS (32 rows, 64 columns) accept multiples of 64
+
+    def not_supported_reasons(self, device, dtype, pattern):
+        reasons = []
+        if pattern != "2:4":
+            reasons.append(f"sparse tensor cores need the 2:4 pattern, not {pattern}")
+        reasons += _cuda_reasons(device)
+        if dtype not in (torch.float16, torch.bfloat16):
+            reasons.append(f"needs float16 or bfloat16, not {str(dtype).replace('torch.', '')}")
+        if not hasattr(torch.sparse, "to_sparse_semi_structured"):
+            reasons.append(f"torch {torch.__version__} has no torch.sparse.to_sparse_semi_structured")
+        return reasons
+
+    def replace(self, base, layers):
+        U = base.matrix().detach()
+        pad = -U.shape[1] % self.PAD
+        shared = SharedTensors(U_pad=F.pad(U, (0, pad)).contiguous())  # (d × r_pad), zero columns
+        mods = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for l in layers:
+                V = l.V.detach()
+                dense = F.pad(V.t(), (0, pad)) if l.kind == "expand" else F.pad(V, (0, 0, 0, pad))
+                A = torch.sparse.to_sparse_semi_structured(dense.contiguous())
+                mods.append(SemiStructuredLinear(l.kind, l.in_features, l.out_features, shared, _bias(l), A=A))
+        return shared, mods
