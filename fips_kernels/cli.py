@@ -4,6 +4,7 @@
     fips-kernels info                 versions, CUDA extension, GPU, which backend runs a sample layer
     fips-kernels bench [options]      the layer benchmark (CSV + summary); see ``fips-kernels bench -h``
     fips-kernels bench-e2e [options]  whole models (DeiT-B, Swin-L, a Llama MLP stack), dense vs FiPS vs peers
+    fips-kernels bench-quality [MODEL]  quality per byte: FiPS vs RTN, HQQ, GPTQ, SparseGPT, Wanda, torchao
 
 Also runs as ``python -m fips_kernels.cli``. Bad arguments print a one-line
 error and exit with status 2.
@@ -210,6 +211,36 @@ def _add_bench_e2e(sub) -> None:
     p.set_defaults(func=_bench_e2e)
 
 
+# ---------------------------------------------------------------- bench-quality
+
+def _bench_quality(args: argparse.Namespace) -> int:
+    from .bench import quality
+    from .compress.calibration import CalibrationError
+    from .compress.command import CommandError
+    from .compress.presets import PresetError
+
+    try:
+        return quality.main_args(args)
+    except (quality.QualityError, CommandError, PresetError, CalibrationError) as exc:
+        print(f"{PROG} bench-quality: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_bench_quality(sub) -> None:
+    from .bench import quality
+
+    p = sub.add_parser(
+        "bench-quality", help="quality per byte: FiPS against RTN, HQQ, GPTQ, SparseGPT, Wanda, torchao (CSV + plot)",
+        description="Compress the MLPs of a model with FiPS at several byte ratios and with the weight "
+                    "compressors a user would pick instead, in one process on the same calibration data; compare "
+                    "each with the dense model on held-back samples (mean/min cosine of the outputs, Spearman "
+                    "correlation of pairwise similarities) against the MLP bytes, every stored byte counted the "
+                    "same way. Writes a CSV, a Pareto plot and prints a markdown table. Default model: "
+                    "all-MiniLM-L6-v2 with the built-in sentences and the benchmark's held-back sentences.")
+    quality.add_arguments(p)
+    p.set_defaults(func=_bench_quality)
+
+
 # ---------------------------------------------------------------- info
 
 def _info(args: argparse.Namespace) -> int:
@@ -332,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_bench(sub)
     _add_bench_e2e(sub)
+    _add_bench_quality(sub)
     _add_compress(sub)
     _add_info(sub)
     return parser

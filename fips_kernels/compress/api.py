@@ -25,9 +25,10 @@ from torch import nn
 
 from ..formats import FormatError
 from ..modules import group_rank, install, resolve_sparsity
-from . import calibration, distributed
+from . import calibration, distributed, finetune
 from ..formats import QUANT_FORMATS
 from .factors import default_format, pack_group
+from .ratio import plan_ratio
 from .presets import GroupSpec, Preset, find_units, make_groups, resolve_preset
 from .report import CompressionReport, GroupReport, output_agreement
 from .state import ResumeState, weights_digest
@@ -103,8 +104,8 @@ def _check_args(budget, steps, pattern, sparsity, format, pruning, mask_scope, n
     return pat, s, fmt
 
 
-def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = None,
-             pattern: str = "unstructured", group_size: Optional[int] = None, calib_data: Any = None,
+def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optional[float] = None,
+             pattern: Optional[str] = None, group_size: Optional[int] = None, calib_data: Any = None,
              steps: int = 600, *, preset: Union[None, str, Preset] = None, unit: Optional[str] = None,
              batch_size: int = 8, holdout: Union[int, float] = 0.1, eval_data: Any = None,
              lr: float = 1e-3, weight_decay: float = 0.05, pruning: str = "gmp", prune_every: int = 50,
@@ -113,9 +114,10 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
              seed: int = 0, resume_dir=None, progress: bool = True,
              forward: Optional[Callable] = None, output_fn: Optional[Callable] = None, top1: Optional[bool] = None,
              store_device: Union[str, torch.device] = "cpu", record_per_group: bool = False,
-             model_name: Optional[str] = None, qbits: Optional[int] = None, qgroup: int = 64,
+             model_name: Optional[str] = None, qbits: Optional[int] = None, qgroup: Optional[int] = None,
              base_qbits: Optional[int] = None,
-             factor_dtype: Union[None, str, torch.dtype] = None) -> Tuple[nn.Module, CompressionReport]:
+             factor_dtype: Union[None, str, torch.dtype] = None, finetune_steps: int = 0,
+             finetune_lr: float = 1e-4, ratio: Optional[float] = None) -> Tuple[nn.Module, CompressionReport]:
     """Compress the MLPs of ``model`` with FiPS, in place; returns ``(model, report)``.
 
     Args:
@@ -178,6 +180,27 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
             factors' (measured before packing).
     """
     t_start = time.perf_counter()
+    factor_dtype = resolve_factor_dtype(factor_dtype)
+    preset = resolve_preset(model, preset)
+    units = find_units(model, preset, unit)
+    unit = unit or preset.unit
+    group_size = group_size if group_size is not None else preset.group_size
+    groups = make_groups(units, group_size)
+    plan = None
+    if ratio is not None:  # the form and every group's rank come from the byte target
+        if budget is not None:
+            raise ValueError("compress: give budget or ratio, not both (ratio chooses the budget)")
+        first_weight = model.get_submodule(groups[0].linears[0]).weight
+        plan = plan_ratio(groups, ratio, first_weight.dtype, pattern=pattern, sparsity=sparsity, qbits=qbits,
+                          qgroup=qgroup, base_qbits=base_qbits, factor_dtype=factor_dtype)
+        form = plan.form
+        pattern, sparsity, qbits, qgroup, base_qbits = (form.pattern, form.sparsity, form.qbits, form.qgroup,
+                                                         form.base_qbits)
+        factor_dtype = form.factor_dtype
+        budget = plan.budget
+    budget = 0.5 if budget is None else budget
+    pattern = pattern or "unstructured"
+    qgroup = 64 if qgroup is None else qgroup
     pat, sparsity, fmt = _check_args(budget, steps, pattern, sparsity, format, pruning, mask_scope, nm_schedule,
                                      prune_every, prune_end, lr)
     if qbits not in (None, 8, 4) or base_qbits not in (None, 8):
@@ -186,14 +209,15 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
         raise ValueError(f"compress: the {fmt} format cannot be quantised (quantised formats: {QUANT_FORMATS})")
     if qbits and qgroup < 1:
         raise ValueError(f"compress: qgroup must be >= 1, got {qgroup}")
-    factor_dtype = resolve_factor_dtype(factor_dtype)
-    preset = resolve_preset(model, preset)
-    units = find_units(model, preset, unit)
-    unit = unit or preset.unit
-    group_size = group_size if group_size is not None else preset.group_size
-    groups = make_groups(units, group_size)
+    if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
+        raise ValueError(f"compress: finetune_steps must be a non-negative integer, got {finetune_steps!r}")
+    if not finetune_lr > 0:
+        raise ValueError(f"compress: finetune_lr must be positive, got {finetune_lr!r}")
     ranks = {}
-    for g in groups:
+    for i, g in enumerate(groups):
+        if plan is not None:
+            ranks[g.index] = plan.ranks[i]
+            continue
         try:
             ranks[g.index] = group_rank(g.d, g.hidden, g.kinds, pattern, budget,
                                         sparsity if pat[0] == "unstructured" else None)
@@ -285,11 +309,23 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
         if missing:
             raise RuntimeError(f"compress: no result for groups {missing}")
 
+        if finetune_steps > 0:
+            t = time.perf_counter()
+            targets = finetune.record_targets(model, train_batches, forward, device, store_device)
+            ft_losses, _ = finetune.finetune(
+                model, groups, all_results, train_batches, targets,
+                finetune.FinetuneConfig(steps=finetune_steps, lr=finetune_lr, seed=seed),
+                qbits=qbits, qgroup=qgroup, base_qbits=base_qbits, forward=forward, device=device,
+                progress=progress)
+            seconds["finetune"] = time.perf_counter() - t
+
         params_before = sum(p.numel() for p in model.parameters())
         # not part of the resume fingerprint: the state holds the fp32 training result
         report = CompressionReport(model=model_name or type(model).__name__, preset=preset.name, unit=unit,
                                    config=dict(run_config, factor_dtype=str(factor_dtype or dtype).replace(
-                                       "torch.", "")))
+                                       "torch.", ""), finetune_steps=finetune_steps, finetune_lr=finetune_lr,
+                                               ratio=None if plan is None else plan.ratio,
+                                               plan=None if plan is None else plan.describe()))
         for g in groups:
             res = all_results[g.index]
             try:

@@ -51,20 +51,29 @@ def add_arguments(p) -> None:
                         "(default for text models: the built-in sentences)")
     p.add_argument("--out", metavar="PATH", help="checkpoint to write (default: fips_<model>.safetensors)")
     p.add_argument("--report", metavar="PATH", help="report JSON (default: <checkpoint>.report.json)")
-    p.add_argument("--budget", type=float, default=0.5, help="kept fraction of the MLP weights (default 0.5)")
+    p.add_argument("--budget", type=float, help="kept fraction of the MLP weights (default 0.5)")
+    p.add_argument("--ratio", type=float, metavar="R",
+                   help="compress the MLP weights R times (dense bytes in the model's dtype / stored bytes, "
+                        "every byte counted): the form (sparsity, int8/int4 values, int8 base, fp16 storage) and "
+                        "the ranks are chosen to stay within the target; instead of --budget")
     p.add_argument("--sparsity", type=float, help="sparsity of V (default 0.75 unstructured; implied by N:M)")
-    p.add_argument("--pattern", default="unstructured", help="unstructured (default), 1:4, 2:4, any N:M, or dense")
+    p.add_argument("--pattern", help="unstructured (default), 1:4, 2:4, any N:M, or dense")
     p.add_argument("--group-size", type=int, help="blocks per shared base (default: the preset's)")
     p.add_argument("--qbits", type=int, choices=(8, 4), help="int8 or int4 factor values (trained through a "
                                                              "straight-through estimator; default: float)")
-    p.add_argument("--qgroup", type=int, default=64, help="rows of the reduction axis per scale (default 64)")
+    p.add_argument("--qgroup", type=int, help="rows of the reduction axis per scale (default 64)")
     p.add_argument("--base-qbits", type=int, choices=(8,), help="8: an int8 base U, one scale per column")
-    p.add_argument("--factor-dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+    p.add_argument("--factor-dtype", choices=("fp32", "fp16", "bf16"),
                    help="dtype the packed factors are stored in: U, float factor values, the scales of int8/int4 "
-                        "values and of an int8 base, the MLP biases (default fp32; training is always fp32; "
+                        "values and of an int8 base, the MLP biases (default fp32, or what --ratio chooses; "
+                        "training is always fp32; "
                         "fp16/bf16 layers cast their input to that dtype and their output back)")
     p.add_argument("--steps", type=int, help="optimisation steps per group (default 600; 200 for the built-in "
                                              "default on a CPU)")
+    p.add_argument("--finetune-steps", type=int,
+                   help="end-to-end steps after the block-wise stage: all groups trained together against the "
+                        "model's outputs (default: as many as --steps; 0 turns it off)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="end-to-end learning rate (default 1e-4)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     p.add_argument("--num-samples", type=int, help="calibration samples to use (default: all; images: 512)")
     p.add_argument("--holdout", type=float, default=0.15,
@@ -274,7 +283,10 @@ def run(args) -> int:
         torch.set_num_threads(threads)
 
     for flag, value, ok in (("--steps", args.steps, args.steps is None or args.steps >= 0),
-                            ("--budget", args.budget, 0 < args.budget <= 1),
+                            ("--budget", args.budget, args.budget is None or 0 < args.budget <= 1),
+                            ("--ratio", args.ratio, args.ratio is None or args.ratio > 1),
+                            ("--finetune-steps", args.finetune_steps,
+                             args.finetune_steps is None or args.finetune_steps >= 0),
                             ("--batch-size", args.batch_size, args.batch_size >= 1),
                             ("--num-samples", args.num_samples, args.num_samples is None or args.num_samples >= 2),
                             ("--holdout", args.holdout, 0 <= args.holdout < 1)):
@@ -296,8 +308,13 @@ def run(args) -> int:
         import torch.distributed as dist
 
         dist.barrier()
-    say(f"compressing {loaded.name} ({type(loaded.model).__name__}) on {device}: budget {args.budget}, "
-        f"pattern {args.pattern}, {steps} steps per group, {len(batches)} calibration batches"
+    if args.budget is not None and args.ratio is not None:
+        raise CommandError("give --budget or --ratio, not both (--ratio chooses the budget)")
+    finetune_steps = steps if args.finetune_steps is None else args.finetune_steps
+    target = f"ratio {args.ratio:g}" if args.ratio is not None else f"budget {args.budget or 0.5}"
+    say(f"compressing {loaded.name} ({type(loaded.model).__name__}) on {device}: {target}, "
+        f"pattern {args.pattern or 'chosen by the ratio' if args.ratio else args.pattern or 'unstructured'}, "
+        f"{steps} steps per group + {finetune_steps} end-to-end, {len(batches)} calibration batches"
         + (f", {world} processes" if world > 1 else ""), flush=True)
     try:
         model, report = compress(
@@ -307,7 +324,8 @@ def run(args) -> int:
             pruning=args.pruning, prune_every=args.prune_every, mask_scope=args.mask_scope, seed=args.seed,
             resume_dir=state_dir, progress=not args.no_progress, output_fn=loaded.output_fn,
             record_per_group=args.record_per_group, model_name=loaded.name, qbits=args.qbits, qgroup=args.qgroup,
-            base_qbits=args.base_qbits, factor_dtype=None if args.factor_dtype == "fp32" else args.factor_dtype)
+            base_qbits=args.base_qbits, factor_dtype=args.factor_dtype, ratio=args.ratio,
+            finetune_steps=finetune_steps, finetune_lr=args.finetune_lr)
     except ValueError as exc:  # bad settings for this model (pattern, group size, budget too small, ...)
         raise CommandError(str(exc)) from None
     except KeyboardInterrupt:

@@ -112,7 +112,11 @@ class CompressionReport:
             f"FiPS compression of {self.model} (preset {self.preset}, unit {self.unit}): budget {c.get('budget')}, "
             f"{pattern} (s={c.get('sparsity')}, {c.get('format')}), groups of {c.get('group_size')}, "
             f"{c.get('steps')} steps, {c.get('pruning')} ({c.get('mask_scope')}), seed {c.get('seed')}"
-            + (f", factor dtype {c['factor_dtype']}" if c.get("factor_dtype", "float32") != "float32" else ""),
+            + (f", factor dtype {c['factor_dtype']}" if c.get("factor_dtype", "float32") != "float32" else "")
+            + (f", int{c['qbits']} values (scale per {c.get('qgroup')})" if c.get("qbits") else "")
+            + (", int8 base" if c.get("base_qbits") else "")
+            + (f", then {c['finetune_steps']} end-to-end steps" if c.get("finetune_steps") else ""),
+            *([f"--ratio {c['ratio']:g} chose: {c['plan']}"] if c.get("ratio") else []),
             f"calibration: {self.calibration.get('train_samples')} samples in {self.calibration.get('train_batches')} "
             f"batches for training, {self.calibration.get('holdout_samples')} held back",
             "",
