@@ -117,7 +117,8 @@ def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optiona
              model_name: Optional[str] = None, qbits: Optional[int] = None, qgroup: Optional[int] = None,
              base_qbits: Optional[int] = None,
              factor_dtype: Union[None, str, torch.dtype] = None, finetune_steps: int = 0,
-             finetune_lr: float = 1e-4, ratio: Optional[float] = None) -> Tuple[nn.Module, CompressionReport]:
+             finetune_lr: float = 1e-4, ratio: Optional[float] = None,
+             prune_schedule: str = "cubic") -> Tuple[nn.Module, CompressionReport]:
     """Compress the MLPs of ``model`` with FiPS, in place; returns ``(model, report)``.
 
     Args:
@@ -209,6 +210,8 @@ def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optiona
         raise ValueError(f"compress: the {fmt} format cannot be quantised (quantised formats: {QUANT_FORMATS})")
     if qbits and qgroup < 1:
         raise ValueError(f"compress: qgroup must be >= 1, got {qgroup}")
+    if prune_schedule not in ("cubic", "accelerated"):
+        raise ValueError(f"compress: prune_schedule must be 'cubic' or 'accelerated', got {prune_schedule!r}")
     if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
         raise ValueError(f"compress: finetune_steps must be a non-negative integer, got {finetune_steps!r}")
     if not finetune_lr > 0:
@@ -234,7 +237,8 @@ def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optiona
     dtype, device = first.weight.dtype, first.weight.device
     config = TrainConfig(budget=float(budget), sparsity=float(sparsity), pattern=pattern, pattern_tuple=pat,
                          steps=steps, lr=lr, weight_decay=weight_decay, pruning=pruning, prune_every=prune_every,
-                         prune_end=prune_end, mask_scope=mask_scope, nm_schedule=nm_schedule,
+                         prune_end=prune_end, prune_schedule=prune_schedule, mask_scope=mask_scope,
+                         nm_schedule=nm_schedule,
                          rigl_alpha=rigl_alpha, seed=seed, qbits=qbits, qgroup=qgroup, base_qbits=base_qbits)
     run_config = dict(config.as_dict(), format=fmt, group_size=group_size, unit=unit, preset=preset.name,
                       tile=list(tile))
@@ -311,12 +315,12 @@ def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optiona
 
         if finetune_steps > 0:
             t = time.perf_counter()
-            targets = finetune.record_targets(model, train_batches, forward, device, store_device)
+            targets = finetune.record_targets(model, train_batches, forward, device, output_fn, store_device)
             ft_losses, _ = finetune.finetune(
                 model, groups, all_results, train_batches, targets,
                 finetune.FinetuneConfig(steps=finetune_steps, lr=finetune_lr, seed=seed),
                 qbits=qbits, qgroup=qgroup, base_qbits=base_qbits, forward=forward, device=device,
-                progress=progress)
+                output_fn=output_fn, progress=progress)
             seconds["finetune"] = time.perf_counter() - t
 
         params_before = sum(p.numel() for p in model.parameters())

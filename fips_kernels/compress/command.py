@@ -84,6 +84,9 @@ def add_arguments(p) -> None:
     p.add_argument("--pruning", default="gmp", choices=("gmp", "rigl"), help="gradual magnitude pruning (default) "
                                                                               "or RigL")
     p.add_argument("--prune-every", type=int, default=50, help="steps between mask updates (default 50)")
+    p.add_argument("--prune-schedule", default="cubic", choices=("cubic", "accelerated"),
+                   help="GMP sparsity schedule: cubic from dense (default) or the FiPS authors' accelerated cubic "
+                        "(0.05, then a jump to 0.5 at the first update, then cubic)")
     p.add_argument("--mask-scope", default="global", choices=("global", "layer"),
                    help="one magnitude threshold per group (default) or per layer")
     p.add_argument("--preset", help="vit, swin, bert, llama (default: detected)")
@@ -321,7 +324,8 @@ def run(args) -> int:
             loaded.model, budget=args.budget, sparsity=args.sparsity, pattern=args.pattern,
             group_size=args.group_size, calib_data=batches, steps=steps, preset=_preset(args), unit=args.unit,
             batch_size=args.batch_size, holdout=args.holdout, lr=args.lr, weight_decay=args.weight_decay,
-            pruning=args.pruning, prune_every=args.prune_every, mask_scope=args.mask_scope, seed=args.seed,
+            pruning=args.pruning, prune_every=args.prune_every, prune_schedule=args.prune_schedule,
+            mask_scope=args.mask_scope, seed=args.seed,
             resume_dir=state_dir, progress=not args.no_progress, output_fn=loaded.output_fn,
             record_per_group=args.record_per_group, model_name=loaded.name, qbits=args.qbits, qgroup=args.qgroup,
             base_qbits=args.base_qbits, factor_dtype=args.factor_dtype, ratio=args.ratio,

@@ -9,8 +9,9 @@ output on the calibration batches (distillation). Quantised factors and bases
 are trained through the same straight-through estimator as block-wise
 training, so the result stays on the grid that is packed.
 
-Loss: the relative squared error ``Σ(ŷ − y)² / Σy²`` of the final output
-(``logits``, else ``last_hidden_state``, else the output tensor; the positions
+Loss: the relative squared error ``Σ(ŷ − y)² / Σy²`` of the outputs the
+report compares (``output_fn``'s, e.g. a sentence embedding and the token
+states, averaged; else ``logits``, else ``last_hidden_state``; the positions
 an attention mask keeps), which is scale-free, so one learning rate serves
 any model. AdamW, no weight decay, cosine decay to 0.
 """
@@ -42,34 +43,45 @@ class FinetuneConfig:
         return dict(self.__dict__)
 
 
-def _output_tensor(out, output_fn, batch) -> torch.Tensor:
-    return calibration.default_output(out)[0]
+def _outputs(out, batch, output_fn: Optional[Callable]) -> List[torch.Tensor]:
+    """The tensors compared end to end: those ``output_fn`` returns (a tensor or a
+    dict of them, e.g. a sentence embedding and the token states), else the
+    model's default output (logits, else the last hidden state)."""
+    if output_fn is None:
+        return [calibration.default_output(out)[0]]
+    y = output_fn(out, batch)
+    return list(y.values()) if isinstance(y, dict) else [y]
 
 
 def record_targets(model: nn.Module, batches: Sequence[Any], forward: Callable, device,
-                   store_device="cpu") -> List[torch.Tensor]:
-    """The original model's final output on every calibration batch (no gradients)."""
-    out = []
+                   output_fn: Optional[Callable] = None, store_device="cpu") -> List[List[torch.Tensor]]:
+    """The original model's outputs (:func:`_outputs`) on every calibration batch."""
+    targets = []
     with torch.no_grad():
         for batch in batches:
-            y = calibration.default_output(forward(model, batch, device))[0]
-            out.append(y.detach().float().to(store_device))
-    return out
+            ys = _outputs(forward(model, batch, device), batch, output_fn)
+            targets.append([y.detach().float().to(store_device) for y in ys])
+    return targets
 
 
-def _loss(y: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    diff = (y.float() - target).square()
-    ref = target.square()
-    if mask is not None and y.dim() >= 3 and tuple(y.shape[:2]) == tuple(mask.shape):
-        w = mask.to(y.device, torch.float32).reshape(*mask.shape, *([1] * (y.dim() - 2)))
-        diff, ref = diff * w, ref * w
-    return diff.sum() / ref.sum().clamp_min(1e-12)
+def _loss(ys: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean over the outputs of ``Σ(ŷ − y)² / Σy²`` (kept positions only)."""
+    total = 0.0
+    for y, target in zip(ys, targets):
+        target = target.to(y.device)
+        diff = (y.float() - target).square()
+        ref = target.square()
+        if mask is not None and y.dim() >= 3 and tuple(y.shape[:2]) == tuple(mask.shape):
+            w = mask.to(y.device, torch.float32).reshape(*mask.shape, *([1] * (y.dim() - 2)))
+            diff, ref = diff * w, ref * w
+        total = total + diff.sum() / ref.sum().clamp_min(1e-12)
+    return total / max(len(ys), 1)
 
 
 def finetune(model: nn.Module, specs: Sequence[GroupSpec], results: Dict[int, GroupResult],
              batches: Sequence[Any], targets: Sequence[torch.Tensor], config: FinetuneConfig, *,
              qbits: Optional[int], qgroup: int, base_qbits: Optional[int], forward: Callable, device,
-             progress: bool = True) -> Tuple[List[Tuple[int, float]], float]:
+             output_fn: Optional[Callable] = None, progress: bool = True) -> Tuple[List[Tuple[int, float]], float]:
     """Train every group's factors end to end; updates ``results`` in place
     (``U``, ``Vs``, ``biases``; masks unchanged) and returns ``(losses, seconds)``.
     The model's layers are put back afterwards (also after an error)."""
@@ -112,8 +124,8 @@ def finetune(model: nn.Module, specs: Sequence[GroupSpec], results: Dict[int, Gr
                     order = torch.randperm(len(batches), generator=gen).tolist()
                 j = order.pop()
                 batch = batches[j]
-                y = calibration.default_output(forward(model, batch, device))[0]
-                loss = _loss(y, targets[j].to(y.device), calibration.token_mask_of(batch))
+                ys = _outputs(forward(model, batch, device), batch, output_fn)
+                loss = _loss(ys, targets[j], calibration.token_mask_of(batch))
                 loss.backward()
                 opt.step()
                 sched.step()

@@ -50,6 +50,7 @@ class TrainConfig:
     pruning: str = "gmp"           # "gmp" or "rigl"
     prune_every: int = 50
     prune_end: float = 0.75
+    prune_schedule: str = "cubic"  # "cubic" or "accelerated" (the FiPS authors' code)
     mask_scope: str = "global"     # "global" or "layer"
     nm_schedule: str = "gradual"   # "gradual" or "fixed"
     rigl_alpha: float = 0.3
@@ -324,7 +325,9 @@ def _optimise(group: TrainableGroup, modules, unit_records, config: TrainConfig,
         for t in range(steps):
             rigl_now = config.pruning == "rigl" and t in updates and 0 < t < t_end
             if config.pruning == "gmp" and t in updates:
-                group.set_masks(masks_at(schedule.cubic_fraction(t, t_end), group.masks))
+                frac = schedule.cubic_fraction(t, t_end) if config.prune_schedule == "cubic" else \
+                    schedule.accelerated_fraction(t, t_end, config.prune_every, config.sparsity)
+                group.set_masks(masks_at(frac, group.masks))
             if not order:
                 order = torch.randperm(n_batches, generator=gen).tolist()
             j = order.pop()
