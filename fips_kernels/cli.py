@@ -213,32 +213,12 @@ def _add_bench_e2e(sub) -> None:
 
 # ---------------------------------------------------------------- bench-quality
 
-def _bench_quality(args: argparse.Namespace) -> int:
-    from .bench import quality
-    from .compress.calibration import CalibrationError
-    from .compress.command import CommandError
-    from .compress.presets import PresetError
-
-    try:
-        return quality.main_args(args)
-    except (quality.QualityError, CommandError, PresetError, CalibrationError) as exc:
-        print(f"{PROG} bench-quality: error: {exc}", file=sys.stderr)
-        return 2
-
-
 def _add_bench_quality(sub) -> None:
     from .bench import quality
 
-    p = sub.add_parser(
-        "bench-quality", help="quality per byte: FiPS against RTN, HQQ, GPTQ, SparseGPT, Wanda, torchao (CSV + plot)",
-        description="Compress the MLPs of a model with FiPS at several byte ratios and with the weight "
-                    "compressors a user would pick instead, in one process on the same calibration data; compare "
-                    "each with the dense model on held-back samples (mean/min cosine of the outputs, Spearman "
-                    "correlation of pairwise similarities) against the MLP bytes, every stored byte counted the "
-                    "same way. Writes a CSV, a Pareto plot and prints a markdown table. Default model: "
-                    "all-MiniLM-L6-v2 with the built-in sentences and the benchmark's held-back sentences.")
+    p = sub.add_parser("bench-quality", help=quality.HELP, description=quality.DESCRIPTION)
     quality.add_arguments(p)
-    p.set_defaults(func=_bench_quality)
+    p.set_defaults(func=lambda args: quality.main_args(args, PROG))
 
 
 # ---------------------------------------------------------------- info

@@ -31,6 +31,19 @@ def _seed_and_clean_env(monkeypatch):
     yield
 
 
+@pytest.fixture
+def one_thread_reference():
+    """One thread (tiny ops; a shared CPU) and the reference backend (the kernels are
+    tested elsewhere). Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    from fips_kernels import use_backend
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with use_backend("reference"):
+        yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)

@@ -106,7 +106,7 @@ def test_cli_factor_dtype_fp16_writes_16bit_factors(bert_dir, tmp_path, capsys):
 
 def test_cli_factor_dtype_parses_and_refuses_bad_values(capsys):
     parser = cli.build_parser()
-    assert parser.parse_args(["compress"]).factor_dtype == "fp32"
+    assert parser.parse_args(["compress"]).factor_dtype is None  # fp32, or what --ratio chooses
     assert parser.parse_args(["compress", "--factor-dtype", "bf16"]).factor_dtype == "bf16"
     for bad in ("fp8", "float16", "int8"):
         with pytest.raises(SystemExit) as exc:
@@ -159,7 +159,8 @@ def test_cli_lists_compress_and_keeps_the_other_commands():
     names = parser._subparsers._group_actions[0].choices
     assert {"bench", "info", "compress"} <= set(names)
     args = parser.parse_args(["compress"])
-    assert args.model is None and args.budget == 0.5 and args.pattern == "unstructured"
+    # budget 0.5 and unstructured unless --ratio chooses (None: not given)
+    assert args.model is None and args.budget is None and args.pattern is None and args.ratio is None
 
 
 def test_image_folder_batches(tmp_path):

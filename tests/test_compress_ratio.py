@@ -15,13 +15,7 @@ from compress_models import plain_vit, tokens
 FAST = dict(steps=6, prune_every=2, progress=False, batch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_reference_backend():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with fk.use_backend("reference"):
-        yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_reference")
 
 
 def _masked_factors(d, hidden, kinds, rank, form, seed=0):

@@ -12,13 +12,7 @@ from fips_kernels.bench import quality, quantizers as q
 import compress_models as cm
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_reference_backend():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with fk.use_backend("reference"):
-        yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_reference")
 
 
 def _correlated(n=400, k=32, seed=0):

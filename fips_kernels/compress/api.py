@@ -116,7 +116,7 @@ def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optiona
              store_device: Union[str, torch.device] = "cpu", record_per_group: bool = False,
              model_name: Optional[str] = None, qbits: Optional[int] = None, qgroup: Optional[int] = None,
              base_qbits: Optional[int] = None,
-             factor_dtype: Union[None, str, torch.dtype] = None, finetune_steps: int = 0,
+             factor_dtype: Union[None, str, torch.dtype] = None, finetune_steps: Optional[int] = None,
              finetune_lr: float = 1e-4, ratio: Optional[float] = None,
              prune_schedule: str = "cubic") -> Tuple[nn.Module, CompressionReport]:
     """Compress the MLPs of ``model`` with FiPS, in place; returns ``(model, report)``.
@@ -127,9 +127,10 @@ def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optiona
             ``nn.Linear`` layers are replaced by :class:`~fips_kernels.FiPSLinear`
             (deep-copy the model first to keep the original).
         budget: kept fraction ``p`` of each group's MLP weight parameters; ``d·r + Σ
-            stored values ≤ p·Σ d·h`` holds exactly for every group.
+            stored values ≤ p·Σ d·h`` holds exactly for every group (default 0.5; or give
+            ``ratio``).
         sparsity: of the factors ``V_i`` (default 0.75 unstructured; implied by N:M).
-        pattern: ``"unstructured"`` (bitmap format), ``"1:4"``, ``"2:4"`` (any N:M; nm
+        pattern: ``"unstructured"`` (bitmap format; the default), ``"1:4"``, ``"2:4"`` (any N:M; nm
             format, along each product's reduction axis), or ``"dense"``.
         group_size: consecutive blocks sharing one base ``U`` (default: the preset's).
         calib_data: calibration inputs: a tensor ``(N, ...)`` or a dict of them (cut into
@@ -146,7 +147,9 @@ def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optiona
         pruning: ``"gmp"`` (cubic schedule from dense to the final sparsity at
             ``prune_end·steps``, masks recomputed every ``prune_every`` steps) or
             ``"rigl"`` (unstructured; drop/grow with fraction ``rigl_alpha``).
-        mask_scope: ``"global"`` (one magnitude threshold per group) or ``"layer"``.
+        mask_scope: ``"global"`` (one magnitude threshold per group) or ``"layer"``. (The FiPS
+            authors' code uses one threshold over the whole model; groups here train one
+            after another, so the group is the widest scope.)
         nm_schedule: for N:M patterns, ``"gradual"`` (4:4 → 3:4 → 2:4 → 1:4 on the
             cubic schedule) or ``"fixed"`` (the final N:M mask from step 0).
         format: storage format (default ``bitmap`` / ``nm`` / ``dense`` by pattern; ``csr``
@@ -171,6 +174,22 @@ def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optiona
             reduction axis (docs/FORMATS.md); training sees the rounded values through a
             straight-through estimator, so it fits the grid the kernels will read.
         base_qbits: 8 for an int8 base ``U`` (one scale per column), trained the same way.
+        ratio: instead of ``budget``: compress the MLP weights ``ratio`` times, counted in bytes
+            (the dense weights' bytes in the model's dtype over every stored byte of the
+            factors, scales and bases, as the report counts them). The form (sparsity,
+            int8/int4 values, an int8 base, fp16 storage; :mod:`.ratio`'s rules) and the
+            largest rank of every group that stays within the target are chosen; ``pattern``,
+            ``sparsity``, ``qbits``, ``qgroup``, ``base_qbits`` and ``factor_dtype``, when
+            given, are kept. The bytes never exceed ``dense / ratio``; a ratio no form
+            reaches raises :class:`~.ratio.RatioError` (a ValueError). The report's
+            ``config["plan"]`` says what was chosen.
+        finetune_steps, finetune_lr: end-to-end fine-tuning after the block-wise stage
+            (:mod:`.finetune`): every group's ``U``, ``V_i`` and biases trained together so
+            the model's outputs match the original's on the calibration batches (AdamW,
+            cosine decay; default ``steps`` steps at 1e-4; 0 turns it off). It needs the
+            memory of a backward pass through the whole model.
+        prune_schedule: ``"cubic"`` (from dense) or ``"accelerated"`` (the FiPS authors'
+            code: sparsity 0.05, then a jump to 0.5 at the first update, then cubic).
         factor_dtype: store the packed factors in ``torch.float16`` or ``torch.bfloat16``
             (None or the model's dtype: the model's). Training is unchanged (fp32); at
             packing ``U``, float factor values, the scales of int8/int4 values and of an
@@ -212,6 +231,8 @@ def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optiona
         raise ValueError(f"compress: qgroup must be >= 1, got {qgroup}")
     if prune_schedule not in ("cubic", "accelerated"):
         raise ValueError(f"compress: prune_schedule must be 'cubic' or 'accelerated', got {prune_schedule!r}")
+    if finetune_steps is None:
+        finetune_steps = steps
     if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
         raise ValueError(f"compress: finetune_steps must be a non-negative integer, got {finetune_steps!r}")
     if not finetune_lr > 0:

@@ -121,7 +121,8 @@ class CompressionReport:
             f"batches for training, {self.calibration.get('holdout_samples')} held back",
             "",
             f"{'group':>5}  {'units':<28} {'d':>5} {'rank':>5}  {'parameters dense -> FiPS':>26} {'kept':>6}  "
-            f"{'bytes dense -> FiPS':>22} {'ratio':>6}  rel. error per unit: SVD init -> trained",
+            f"{'bytes dense -> FiPS':>22} {'ratio':>6}  rel. error per unit: SVD init -> trained"
+            + (" (block-wise, before the end-to-end steps)" if c.get("finetune_steps") else ""),
         ]
         for g in self.groups:
             errs = ", ".join(f"{a['rel']:.3f}->{b['rel']:.3f}" for a, b in zip(g.errors_init, g.errors_final))
