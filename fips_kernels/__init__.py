@@ -17,14 +17,9 @@ from . import dispatch, reference  # noqa: E402
 from .dispatch import BackendUnavailable, use_backend  # noqa: E402
 from .formats import FormatError, SparseFactor  # noqa: E402
 from .io import CheckpointError, load, save  # noqa: E402
-from .modules import (  # noqa: E402
-    FiPSGroup,
-    FiPSLinear,
-    SharedBase,
-    factorize_group,
-    install,
-    rank_for_budget,
-)
+from .modules import FiPSGatedMLP, FiPSGroup, FiPSLinear, SharedBase, install, prepare  # noqa: E402
+from .budget import rank_for_budget  # noqa: E402
+from .factorize import factorize_group  # noqa: E402
 from .ops import fips_linear, gate_up, reconstruct  # noqa: E402
 from . import pgd  # noqa: E402
 from . import hashed  # noqa: E402  (registers the fips_kernels::hashed_* ops; never imports triton)
@@ -43,6 +38,7 @@ __all__ = [
     "pgd",
     "scale_gradients",
     "CheckpointError",
+    "FiPSGatedMLP",
     "FiPSGroup",
     "FiPSLinear",
     "FormatError",
@@ -53,6 +49,7 @@ __all__ = [
     "fips_linear",
     "install",
     "load",
+    "prepare",
     "rank_for_budget",
     "reconstruct",
     "reference",

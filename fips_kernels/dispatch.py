@@ -1,14 +1,24 @@
-"""Backends in priority order, each able to say why it cannot run a problem.
+"""One priority runner over the registered backends, for the FiPS ops and the
+hashed ops alike.
 
-``cuda`` (compiled extension), ``triton`` and ``reference`` are asked in
-that order; the first with no reasons runs. ``FIPS_KERNELS_BACKEND`` (or the
-:func:`use_backend` context manager, which wins over the variable) forces one;
-forcing a backend that cannot run raises :class:`BackendUnavailable` listing
-its reasons, never a silent fallback.
+Each backend (a package: ``cuda/``, ``triton/``, ``reference/`` — see
+:data:`BACKEND_PACKAGES`) declares once what it supports — ops, device types,
+dtypes, factor formats — and answers ``not_supported_reasons(problem)`` with
+those checks plus its own per-problem hook (:meth:`Backend.problem_reasons`:
+a strategy that cannot run, a tile the kernel cannot take …). The first
+backend in priority order with no reasons runs. ``FIPS_KERNELS_BACKEND`` (or
+the :func:`use_backend` context manager, which wins over the variable) forces
+one; forcing a backend that cannot run raises :class:`BackendUnavailable`
+listing its reasons, never a silent fallback.
+
+Problems are small records: :class:`Problem` for a FiPS layer op
+(``expand``, ``contract``, ``gate_up``, ``reconstruct``) and
+``fips_kernels.hashed.ops.HashedProblem`` for the hashed ops.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import threading
 from dataclasses import dataclass
@@ -16,22 +26,30 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from .formats import Layout
+
 __all__ = [
     "Problem",
     "Backend",
     "BackendUnavailable",
-    "BACKENDS",
+    "BACKEND_PACKAGES",
+    "FIPS_OPS",
+    "backend",
+    "backends",
     "backend_names",
+    "register",
     "not_supported_reasons",
     "select",
     "explain",
     "use_backend",
     "forced_backend",
+    "prepare",
 ]
 
 ENV_VAR = "FIPS_KERNELS_BACKEND"
-OPS = ("expand", "contract", "gate_up", "reconstruct")
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Priority order: each is a subpackage of fips_kernels whose ``backend`` module registers one Backend.
+BACKEND_PACKAGES = ("cuda", "triton", "reference")
+FIPS_OPS = ("expand", "contract", "gate_up", "reconstruct")
 
 
 class BackendUnavailable(RuntimeError):
@@ -40,189 +58,148 @@ class BackendUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Problem:
-    """What a backend needs to know to decide whether it can run an op call.
+    """A FiPS op call, as far as choosing a backend needs to know it.
 
-    ``M`` is the number of input rows (0 for ``reconstruct``); ``K × N`` is the
-    reduction-major sparse factor, ``d × r`` the base.
+    ``op`` is ``expand``, ``contract``, ``gate_up`` or ``reconstruct``;
+    ``kind`` the layer's orientation (``expand``/``contract``); ``layout`` the
+    factor's :class:`~fips_kernels.formats.Layout` (format, ``(K, N)``, typed
+    parameters, quantisation); ``dtype`` the arithmetic dtype; ``M`` the input
+    rows (0 for ``reconstruct``); ``d`` the base's rows (``U`` is ``d × r``).
     """
 
     op: str
-    fmt: str
+    kind: str
+    layout: Layout
     dtype: torch.dtype
     device: torch.device
     M: int
-    K: int
-    N: int
     d: int
-    r: int
-    meta: Tuple[int, ...] = ()
-    kind: str = ""  # expand / contract (the layer's orientation; op names it for layer ops)
-    base_quantized: bool = False  # U is int8 with per-column scales
+    activation: str = "none"
+
+    family = "fips"
+
+    @classmethod
+    def for_layer(cls, op: str, kind: str, layout: Layout, dtype: torch.dtype, device, M: int, d: int,
+                  activation: str = "none") -> "Problem":
+        return cls(op, kind, layout, dtype, torch.device(device), int(M), int(d), activation or "none")
 
     @property
-    def quantized(self) -> bool:
-        """The factor's values are int8/int4 (``meta`` carries ``[qbits, qgroup]``)."""
-        return len(self.meta) == 6 and self.meta[4] != 0
+    def fmt(self) -> str:
+        return self.layout.format
 
     @property
-    def orientation(self) -> str:
-        return self.kind or ("contract" if self.op == "contract" else "expand")
+    def K(self) -> int:
+        return self.layout.shape[0]
+
+    @property
+    def N(self) -> int:
+        return self.layout.shape[1]
+
+    @property
+    def r(self) -> int:
+        return self.K if self.kind == "expand" else self.N
+
+    def describe(self) -> str:
+        q = f" int{self.layout.quant.bits}" if self.layout.quant else ""
+        return (f"{self.op} ({self.fmt} {self.layout.pattern()}{q}, {self.dtype}, {self.device}, M={self.M}, "
+                f"K={self.K}, N={self.N})")
 
 
 class Backend:
-    """One implementation of the ops. Subclasses fill :attr:`kernels` and
-    :meth:`_reasons`; :meth:`not_supported_reasons` is what dispatch asks.
+    """One implementation of the ops. A subclass declares what it supports in
+    the class attributes, adds per-problem reasons in :meth:`problem_reasons`,
+    says why it is unavailable at all in :meth:`availability_reasons`, and
+    returns the callable of an op from :meth:`kernel`.
 
     Kernel signatures (``x2`` 2-D, factors are
-    :class:`~fips_kernels.formats.SparseFactor`): ``expand(x2, U, factor, bias,
-    activation) -> y2``, ``contract(x2, U, factor, bias) -> y2``,
-    ``gate_up(x2, U, gate, up, bias_gate, bias_up) -> y2`` and
-    ``reconstruct(U, factor, kind)``, which returns the layer's torch-layout weight.
+    :class:`~fips_kernels.formats.SparseFactor`, ``U`` a float tensor or an
+    int8 dense factor): ``expand(x2, U, factor, bias, activation) -> y2``,
+    ``contract(x2, U, factor, bias) -> y2``, ``gate_up(x2, U, gate, up,
+    bias_gate, bias_up) -> y2``, ``reconstruct(U, factor, kind)`` (the layer's
+    torch-layout weight); the hashed ops as in :mod:`fips_kernels.hashed.ops`.
     """
 
     name = "?"
+    ops: Tuple[str, ...] = ()                 # op names it has kernels for
+    device_types: Tuple[str, ...] = ()        # e.g. ("cuda",)
+    dtypes: Tuple[torch.dtype, ...] = ()      # arithmetic dtypes
+    formats: Optional[Tuple[str, ...]] = None  # FiPS factor formats (None: every registered format)
 
-    def __init__(self) -> None:
-        self.kernels: Dict[Tuple[str, str], Callable] = {}
-
-    def _reasons(self, p: Problem) -> List[str]:
+    def availability_reasons(self) -> List[str]:
+        """Why this backend cannot run anything here (missing library, extension …)."""
         return []
 
-    def not_supported_reasons(self, p: Problem) -> List[str]:
-        reasons = list(self._reasons(p))
-        if not reasons and (p.op, p.fmt) not in self.kernels and (p.op, "*") not in self.kernels:
-            reasons.append(f"no {self.name} kernel for op {p.op!r} with the {p.fmt!r} format yet")
+    def device_reasons(self, device: torch.device) -> List[str]:
+        if device.type not in self.device_types:
+            return [f"input is on {device}, not a {' or '.join(self.device_types)} device"]
+        return []
+
+    def problem_reasons(self, p) -> List[str]:
+        """The backend's own reasons for one problem (the extra-reasons hook)."""
+        return []
+
+    def not_supported_reasons(self, p) -> List[str]:
+        """Every reason this backend cannot run ``p`` (empty: it can)."""
+        reasons = list(self.availability_reasons())
+        if p.op not in self.ops:
+            reasons.append(f"no {self.name} kernel for op {p.op!r}")
+        reasons += self.device_reasons(p.device)
+        if p.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            reasons.append(f"dtype {p.dtype} is not supported (needs {names})")
+        if getattr(p, "family", "") == "fips" and self.formats is not None and p.fmt not in self.formats:
+            reasons.append(f"no {self.name} kernel for the {p.fmt!r} format (it runs {', '.join(self.formats)})")
+        if not reasons:
+            reasons += self.problem_reasons(p)
         return reasons
 
-    def kernel(self, op: str, fmt: str) -> Callable:
-        return self.kernels.get((op, fmt)) or self.kernels[(op, "*")]
+    def kernel(self, op: str) -> Callable:
+        raise NotImplementedError
+
+    def strategies(self):
+        """The backend's :class:`~fips_kernels.strategies.StrategySet`, or None
+        (a backend with one way of computing each op)."""
+        return None
+
+    def prepare(self, layer) -> int:
+        """Pack ahead of time what a first call would pack (see
+        :func:`fips_kernels.modules.prepare`); returns the bytes added."""
+        return 0
 
     def __repr__(self) -> str:
         return f"<{self.name} backend>"
 
 
-class ReferenceBackend(Backend):
-    """Pure PyTorch (``fips_kernels.reference``): runs everywhere, every format."""
-
-    name = "reference"
-
-    def __init__(self) -> None:
-        super().__init__()
-        from . import reference
-
-        self.kernels = {("expand", "*"): reference.expand, ("contract", "*"): reference.contract,
-                        ("gate_up", "*"): reference.gate_up, ("reconstruct", "*"): reference.linear_weight}
+_REGISTRY: Dict[str, Backend] = {}
+_lock = threading.Lock()
 
 
-class TritonBackend(Backend):
-    """Triton kernels on CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``,
-    which must be set before ``fips_kernels`` first dispatches)."""
-
-    name = "triton"
-    FORMATS = ("dense", "nm", "bitmap", "ell")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.import_error: Optional[str] = None
-        self.interpreted = False
-        try:
-            from .triton import sparse_matmul, strategies
-        except Exception as exc:  # triton missing or broken: the reasons say so
-            self.import_error = f"{type(exc).__name__}: {exc}"
-            return
-        self.interpreted = sparse_matmul.INTERPRETED
-        for fmt in self.FORMATS:
-            for op in OPS:
-                if fmt == "ell" and op == "gate_up":
-                    continue  # no fused gate/up for tile-reconstruct: the reference runs it
-                self.kernels[(op, fmt)] = getattr(strategies, op)
-
-    def _reasons(self, p: Problem) -> List[str]:
-        reasons = []
-        if self.import_error is not None:
-            reasons.append(f"triton kernels could not be imported ({self.import_error})")
-        if p.device.type == "cpu":
-            if os.environ.get("TRITON_INTERPRET") != "1":
-                reasons.append("input is on the CPU and TRITON_INTERPRET=1 is not set")
-            elif self.import_error is None and not self.interpreted:
-                reasons.append("the Triton kernels were imported before TRITON_INTERPRET=1 was set")
-        elif p.device.type != "cuda":
-            reasons.append(f"device {p.device} is not supported (needs cuda)")
-        if p.dtype not in KERNEL_DTYPES:
-            reasons.append(f"dtype {p.dtype} is not supported (needs float16, bfloat16 or float32)")
-        if p.fmt == "ell" and len(p.meta) == 4:
-            want = 0 if p.orientation == "expand" else 1
-            if p.meta[3] != want:
-                reasons.append(f"tile-reconstruct needs a {p.orientation} ell factor's lists along the rank "
-                               f"axis (axis {want}), got axis {p.meta[3]}")
-        if p.fmt == "bitmap" and len(p.meta) == 4:
-            tk, tn = p.meta[2], p.meta[3]
-            if tk < 16 or tk & (tk - 1) or tn & (tn - 1):
-                reasons.append(f"bitmap tile ({tk}, {tn}) is not a power of two >= 16 in both axes")
-        return reasons
+def register(b: Backend) -> Backend:
+    """Register a backend (its package's ``backend`` module calls this on import)."""
+    _REGISTRY[b.name] = b
+    return b
 
 
-class CudaBackend(Backend):
-    """The compiled CUDA C++ extension (``csrc/``): ``fips_kernels_cuda::sparse_mm``
-    (fp16/bf16 tensor cores, float or int8/int4 factors and an int8 base
-    dequantised in registers) under the strategies of :mod:`fips_kernels.cuda`."""
-
-    name = "cuda"
-    MIN_CAPABILITY = (8, 0)
-    FORMATS = ("dense", "nm", "bitmap")
-    DTYPES = (torch.float16, torch.bfloat16)
-    BITMAP_TILE = (64, 64)
-
-    def __init__(self) -> None:
-        super().__init__()
-        from .cuda import spmm, strategies  # never touch the extension on import: safe without it
-
-        self._spmm = spmm
-        for fmt in self.FORMATS:
-            for op in OPS:
-                self.kernels[(op, fmt)] = getattr(strategies, op)
-
-    def _reasons(self, p: Problem) -> List[str]:
-        reasons = []
-        missing = self._spmm.unavailable_reason()
-        if missing is not None:
-            reasons.append(missing)
-        if p.device.type != "cuda":
-            reasons.append(f"input is on {p.device}, not a CUDA device")
-        elif torch.cuda.is_available():
-            cap = tuple(torch.cuda.get_device_capability(p.device))
-            if cap < self.MIN_CAPABILITY:
-                reasons.append(f"GPU compute capability {cap[0]}.{cap[1]} is below "
-                               f"{self.MIN_CAPABILITY[0]}.{self.MIN_CAPABILITY[1]}: needs sm80+ for mma.sync bf16")
-        if p.dtype not in self.DTYPES:
-            reasons.append(f"dtype {p.dtype} is not supported: the cuda kernels run fp16/bf16 tensor cores "
-                           f"(float32 runs on triton)")
-        if p.fmt not in self.FORMATS:
-            reasons.append(f"no cuda kernel for format {p.fmt!r} (the cuda backend runs {', '.join(self.FORMATS)})")
-        if p.fmt == "bitmap" and len(p.meta) >= 4 and (p.meta[2], p.meta[3]) != self.BITMAP_TILE:
-            reasons.append(f"bitmap tile ({p.meta[2]}, {p.meta[3]}) is not supported by the cuda kernel "
-                           f"(only {self.BITMAP_TILE[0]}x{self.BITMAP_TILE[1]})")
-        return reasons
+def backends() -> Dict[str, Backend]:
+    """The backends by name, in priority order (their packages imported on first use;
+    importing a backend package never imports Triton or touches the extension)."""
+    if len(_REGISTRY) < len(BACKEND_PACKAGES):
+        with _lock:
+            for pkg in BACKEND_PACKAGES:
+                importlib.import_module(f"fips_kernels.{pkg}.backend")
+    return {name: _REGISTRY[name] for name in BACKEND_PACKAGES if name in _REGISTRY}
 
 
-BACKENDS: Dict[str, Backend] = {}
-
-
-def _registry() -> Dict[str, Backend]:
-    if not BACKENDS:
-        for cls in (CudaBackend, TritonBackend, ReferenceBackend):
-            BACKENDS[cls.name] = cls()
-    return BACKENDS
+def backend(name: str) -> Backend:
+    table = backends()
+    if name not in table:
+        raise ValueError(f"unknown backend {name!r}; choose from {tuple(table)}")
+    return table[name]
 
 
 def backend_names() -> Tuple[str, ...]:
     """Backends in priority order."""
-    return tuple(_registry())
-
-
-def register_kernel(backend: str, op: str, fmt: str, fn: Callable) -> None:
-    """Add a kernel to a backend (used by ``fips_kernels.triton`` and tests)."""
-    _registry()[backend].kernels[(op, fmt)] = fn
+    return tuple(backends())
 
 
 _local = threading.local()
@@ -231,8 +208,8 @@ _local = threading.local()
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
     """Force a backend inside a ``with`` block (``None`` restores automatic choice)."""
-    if name is not None and name not in _registry():
-        raise ValueError(f"unknown backend {name!r}; choose from {backend_names()}")
+    if name is not None:
+        backend(name)
     previous = getattr(_local, "forced", "unset")
     _local.forced = name
     try:
@@ -247,41 +224,57 @@ def forced_backend() -> Optional[str]:
     if forced != "unset":
         return forced
     name = os.environ.get(ENV_VAR, "").strip().lower() or None
-    if name is not None and name not in _registry():
+    if name is not None and name not in backends():
         raise BackendUnavailable(f"{ENV_VAR}={name!r} is not a backend; choose from {backend_names()}")
     return name
 
 
-def not_supported_reasons(p: Problem) -> Dict[str, List[str]]:
+def not_supported_reasons(p) -> Dict[str, List[str]]:
     """Every backend's reasons for ``p`` (an empty list means it can run)."""
-    return {name: b.not_supported_reasons(p) for name, b in _registry().items()}
+    return {name: b.not_supported_reasons(p) for name, b in backends().items()}
 
 
-def select(p: Problem) -> Backend:
+def select(p) -> Backend:
     """The backend that runs ``p``: the forced one, or the first with no reasons."""
     forced = forced_backend()
-    registry = _registry()
     if forced is not None:
-        backend = registry[forced]
-        reasons = backend.not_supported_reasons(p)
+        b = backends()[forced]
+        reasons = b.not_supported_reasons(p)
         if reasons:
-            raise BackendUnavailable(
-                f"backend {forced!r} was forced but cannot run {p.op} ({p.fmt}, {p.dtype}, {p.device}, "
-                f"M={p.M}, K={p.K}, N={p.N}):\n  - " + "\n  - ".join(reasons))
-        return backend
-    for backend in registry.values():
-        if not backend.not_supported_reasons(p):
-            return backend
-    raise BackendUnavailable("no backend can run " + repr(p))  # pragma: no cover - reference runs all
+            raise BackendUnavailable(f"backend {forced!r} was forced but cannot run {p.describe()}:\n  - "
+                                     + "\n  - ".join(reasons))
+        return b
+    for b in backends().values():
+        if not b.not_supported_reasons(p):
+            return b
+    raise BackendUnavailable(f"no backend can run {p.describe()}")  # pragma: no cover - reference runs all
 
 
-def explain(p: Problem) -> str:
-    """A readable table of which backend would run ``p`` and why the others cannot."""
+def explain(p) -> str:
+    """A readable table of which backend would run ``p`` and why the others cannot;
+    a forced backend is marked, and one that cannot run says so."""
+    forced = forced_backend()
     lines = []
     chosen = None
     for name, reasons in not_supported_reasons(p).items():
-        if not reasons and chosen is None:
+        if forced is not None:
+            runs = name == forced and not reasons
+        else:
+            runs = not reasons and chosen is None
+        if runs:
             chosen = name
-        mark = "runs" if name == chosen else ("could run" if not reasons else "cannot run")
+        if name == forced and reasons:
+            mark = "forced, cannot run (calls raise BackendUnavailable)"
+        elif runs:
+            mark = "runs (forced)" if name == forced else "runs"
+        else:
+            mark = "could run" if not reasons else "cannot run"
         lines.append(f"{name:10s} {mark}" + "".join(f"\n{'':11s}- {r}" for r in reasons))
     return "\n".join(lines)
+
+
+def prepare(layer, name: Optional[str] = None) -> int:
+    """Ask the backends (or one) to pack ``layer`` ahead of time; returns bytes added."""
+    table = backends()
+    chosen = [table[name]] if name is not None else list(table.values())
+    return sum(b.prepare(layer) for b in chosen)

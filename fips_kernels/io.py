@@ -1,29 +1,40 @@
 """Checkpoints of compressed models and groups: safetensors plus a JSON header.
 
 The header (stored in the safetensors metadata under ``"fips_kernels"``)
-records the format version, every FiPS layer (path, kind, format, meta,
-base; ``cast_input`` when set), every shared base, tensors stored once for
-several names (tied weights) and a SHA-256 of every tensor's bytes.
-:func:`load` refuses a truncated, altered or mismatched file with
-:class:`CheckpointError`; what it loads is bit-exact.
+records the format version, every FiPS layer (path, kind, format, meta, base,
+activation epilogue, ``cast_input``), every shared base, fused gated MLPs,
+tensors stored once for several names (tied weights), a SHA-256 of every
+tensor's bytes, and a SHA-256 of the header itself (``header_sha256``), so an
+edit of its meaning (a layer's kind, a format parameter, a version …) is
+refused like damaged tensor bytes are. :func:`load` refuses a truncated,
+altered or mismatched file with :class:`CheckpointError`; what it loads is
+bit-exact.
+
+Versions: 2 (this one) registers each base on its group's first layer
+(``<layer>.shared_base.U``). Version 1 files (bases under ``fips_bases.<i>``,
+on the first layer of an ``nn.Sequential``, or ``base`` in a group file; no
+header checksum) still load: their keys are moved on reading and the result
+is the same model. Saving always writes version 2.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .formats import AUX_NAMES, FormatError, SparseFactor
-from .modules import FiPSGroup, FiPSLinear, SharedBase, bases_of, get_submodule, set_submodule
+from .modules import FiPSGatedMLP, FiPSGroup, FiPSLinear, SharedBase, bases_of, get_submodule, set_submodule
 
-__all__ = ["save", "load", "CheckpointError", "FORMAT_VERSION"]
+__all__ = ["save", "load", "CheckpointError", "FORMAT_VERSION", "read_header"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 HEADER_KEY = "fips_kernels"
+HEADER_DIGEST = "header_sha256"
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -36,11 +47,44 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(data.tobytes()).hexdigest()
 
 
-def _layer_record(layer: FiPSLinear, base_path: str) -> dict:
-    return {"kind": layer.kind, "format": layer.format, "meta": list(layer.meta), "base": base_path,
-            "in_features": layer.in_features, "out_features": layer.out_features,
-            "bias": layer.bias is not None, "dtype": str(layer.V_values.dtype).replace("torch.", ""),
-            "quantized": layer.factor.quantized, **({"cast_input": True} if layer.cast_input else {})}
+def header_digest(header: dict) -> str:
+    """SHA-256 of the header's canonical JSON, without its own digest."""
+    body = {k: v for k, v in header.items() if k != HEADER_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _parent(path: str) -> str:
+    return path.rpartition(".")[0]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _layer_record(layer: FiPSLinear, base_path: str, absorbs: Optional[str]) -> dict:
+    rec = {"kind": layer.kind, "format": layer.format, "meta": list(layer.meta), "base": base_path,
+           "in_features": layer.in_features, "out_features": layer.out_features,
+           "bias": layer.bias is not None, "dtype": str(layer.V_values.dtype).replace("torch.", ""),
+           "quantized": layer.factor.quantized}
+    if layer.cast_input:
+        rec["cast_input"] = True
+    if layer.activation != "none":
+        rec["activation"] = layer.activation
+        if absorbs:
+            rec["absorbs"] = absorbs
+    return rec
+
+
+def _absorbed(module: nn.Module, name: str, layer: FiPSLinear) -> Optional[str]:
+    """The sibling module the layer's epilogue replaced (an ``nn.Identity`` now), if any."""
+    from .fusion import ACTIVATION_PARENTS, _class_matches
+
+    parent = get_submodule(module, _parent(name))
+    leaf = name.rpartition(".")[2]
+    for test, expand, act in ACTIVATION_PARENTS:
+        if _class_matches(parent, test) and expand == leaf and isinstance(getattr(parent, act, None), nn.Identity):
+            return act
+    return None
 
 
 def save(module: nn.Module, path: PathLike) -> None:
@@ -53,7 +97,8 @@ def save(module: nn.Module, path: PathLike) -> None:
             if id(mod.base) not in bases:
                 raise CheckpointError(f"save: the shared base of layer {name or '<root>'!r} is not registered "
                                       f"in the saved module; save its FiPSGroup or the model it was installed in")
-            layers[name] = _layer_record(mod, bases[id(mod.base)])
+            layers[name] = _layer_record(mod, bases[id(mod.base)], _absorbed(module, name, mod))
+    gated = {name: list(mod.names) for name, mod in module.named_modules() if isinstance(mod, FiPSGatedMLP)}
     state = module.state_dict()
     tensors: Dict[str, torch.Tensor] = {}
     aliases: Dict[str, str] = {}
@@ -75,26 +120,33 @@ def save(module: nn.Module, path: PathLike) -> None:
         "layers": layers,
         "bases": {p: {"d": get_submodule(module, p).d, "rank": get_submodule(module, p).rank,
                       "quantized": get_submodule(module, p).quantized} for p in bases.values()},
+        "gated": gated,
         "aliases": aliases,
         "sha256": {k: _digest(t) for k, t in tensors.items()},
     }
+    header[HEADER_DIGEST] = header_digest(header)
     from safetensors.torch import save_file
 
     save_file(tensors, os.fspath(path), metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})
 
 
-def _read(path: PathLike):
+def read_header(path: PathLike) -> dict:
+    """The checked header of a checkpoint (no tensors are read)."""
+    return _read(path, tensors=False)[0]
+
+
+def _read(path: PathLike, tensors: bool = True):
     from safetensors import safe_open
 
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, not a .safetensors checkpoint")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except CheckpointError:
-        raise
+            data = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as exc:  # safetensors raises several types for damaged files
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint (truncated or damaged?): "
                               f"{type(exc).__name__}: {exc}") from None
@@ -104,25 +156,64 @@ def _read(path: PathLike):
         header = json.loads(meta[HEADER_KEY])
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: the fips_kernels header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the fips_kernels header is not a JSON object")
     version = header.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(f"{path}: checkpoint format version {version!r} is not supported "
-                              f"(this fips_kernels reads version {FORMAT_VERSION})")
+                              f"(this fips_kernels reads versions {READABLE_VERSIONS}; a newer file needs a newer "
+                              f"fips_kernels)")
+    if version == 1 and HEADER_DIGEST in header:  # version 1 had no header checksum: this one was edited
+        raise CheckpointError(f"{path}: the fips_kernels header fails its SHA-256 check: a version-1 header "
+                              f"with a checksum was edited")
+    if version >= 2 and header.get(HEADER_DIGEST) != header_digest(header):
+        raise CheckpointError(f"{path}: the fips_kernels header fails its SHA-256 check: the header was edited or "
+                              f"damaged")
+    if not tensors:
+        return header, {}
     sums = header.get("sha256", {})
-    if set(sums) != set(tensors):
-        missing, extra = sorted(set(sums) - set(tensors)), sorted(set(tensors) - set(sums))
+    if set(sums) != set(data):
+        missing, extra = sorted(set(sums) - set(data)), sorted(set(data) - set(sums))
         raise CheckpointError(f"{path}: tensors do not match the header (missing {missing}, unexpected {extra})")
-    for key, t in tensors.items():
+    for key, t in data.items():
         if _digest(t) != sums[key]:
             raise CheckpointError(f"{path}: tensor {key!r} fails its SHA-256 check: the file is damaged")
     for key, target in header.get("aliases", {}).items():
-        if target not in tensors:
+        if target not in data:
             raise CheckpointError(f"{path}: alias {key!r} points at missing tensor {target!r}")
-        tensors[key] = tensors[target]
-    return header, tensors
+        data[key] = data[target]
+    if version == 1:
+        header, data = _migrate_v1(header, data)
+    return header, data
 
 
-def _build_layer(name: str, rec: dict, base: SharedBase, tensors: Dict[str, torch.Tensor]) -> FiPSLinear:
+def _layer_order_key(name: str):
+    """Module order of sibling paths: numeric parts by value ("blocks.10" after "blocks.2")."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
+
+
+def _migrate_v1(header: dict, tensors: Dict[str, torch.Tensor]) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """Version 1 → 2: each base moves to ``<its first layer>.shared_base``."""
+    moves: Dict[str, str] = {}
+    for bpath in header.get("bases", {}):
+        users = sorted((n for n, rec in header["layers"].items() if rec["base"] == bpath), key=_layer_order_key)
+        if not users:
+            raise CheckpointError(f"version-1 checkpoint: base {bpath!r} is used by no layer")
+        moves[bpath] = _join(users[0], "shared_base")
+    for rec in header["layers"].values():
+        rec["base"] = moves[rec["base"]]
+    header["bases"] = {moves[b]: v for b, v in header["bases"].items()}
+    moved = {}
+    for key, t in tensors.items():
+        for old, new in moves.items():
+            if key.startswith(old + "."):
+                key = new + key[len(old):]
+                break
+        moved[key] = t
+    return header, moved
+
+
+def _build_layer(name: str, rec: dict, base: SharedBase, tensors: Dict[str, torch.Tensor], path) -> FiPSLinear:
     prefix = f"{name}." if name else ""
     try:
         values = tensors[prefix + "V_values"]
@@ -130,24 +221,39 @@ def _build_layer(name: str, rec: dict, base: SharedBase, tensors: Dict[str, torc
         scales = tensors[prefix + "V_scales"] if rec.get("quantized") else None
         factor = SparseFactor.from_parts(rec["format"], rec["meta"], values, aux, validate=True, scales=scales)
         bias = tensors[prefix + "bias"] if rec["bias"] else None
-        return FiPSLinear(base, factor, rec["kind"], bias, cast_input=bool(rec.get("cast_input", False)))
+        return FiPSLinear(base, factor, rec["kind"], bias, cast_input=bool(rec.get("cast_input", False)),
+                          activation=rec.get("activation", "none"), own_base=rec["base"] == prefix + "shared_base")
     except KeyError as exc:
-        raise CheckpointError(f"layer {name!r}: tensor {exc} is missing from the checkpoint") from None
+        raise CheckpointError(f"{path}: layer {name!r}: {exc} is missing from the checkpoint") from None
     except (FormatError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"layer {name!r}: invalid factor in the checkpoint: {exc}") from None
+        raise CheckpointError(f"{path}: layer {name!r}: invalid factor in the checkpoint: {exc}") from None
 
 
-def _set_base(root: nn.Module, path: str, base: SharedBase) -> None:
-    parts = path.split(".")
-    parent = root
-    for part in parts[:-1]:
-        if not hasattr(parent, part):
-            setattr(parent, part, nn.ModuleDict())
-        parent = getattr(parent, part)
-    if isinstance(parent, nn.ModuleDict):
-        parent[parts[-1]] = base
-    else:
-        setattr(parent, parts[-1], base)
+def _build(header: dict, tensors: Dict[str, torch.Tensor], path):
+    """The bases and layers a header describes, checked."""
+    bases: Dict[str, SharedBase] = {}
+    for bpath, rec in header.get("bases", {}).items():
+        key = f"{bpath}.U"
+        if key not in tensors:
+            raise CheckpointError(f"{path}: base tensor {key!r} is missing")
+        quantized = rec.get("quantized", False)
+        if quantized and f"{bpath}.U_scales" not in tensors:
+            raise CheckpointError(f"{path}: base tensor {bpath + '.U_scales'!r} is missing")
+        try:
+            bases[bpath] = SharedBase(tensors[key], tensors[f"{bpath}.U_scales"] if quantized else None)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: invalid base {bpath!r}: {exc}") from None
+    built = {}
+    for name, rec in header.get("layers", {}).items():
+        if rec.get("base") not in bases:
+            raise CheckpointError(f"{path}: layer {name!r} refers to base {rec.get('base')!r}, which is not stored")
+        built[name] = _build_layer(name, rec, bases[rec["base"]], tensors, path)
+    for bpath, base in bases.items():
+        owner = bpath.rpartition(".")[0] if bpath.endswith("shared_base") else None
+        if owner is None or owner not in built or built[owner].base is not base:
+            raise CheckpointError(f"{path}: base {bpath!r} is not on one of its layers (a version-2 checkpoint "
+                                  f"keeps each base on its group's first layer)")
+    return bases, built
 
 
 def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Union[str, torch.device] = "cpu",
@@ -157,28 +263,16 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Uni
     * ``model=None``: the checkpoint must hold a group or a single layer; it is
       rebuilt from the header alone and returned.
     * ``model`` given (e.g. the dense architecture built from its config): the
-      checkpoint's FiPS layers replace the modules at the same paths, the bases
-      are registered, every tensor is loaded (``strict`` as in
-      ``load_state_dict``), and the model is returned.
+      checkpoint's FiPS layers replace the modules at the same paths (with
+      their fusions: activation epilogues, fused gated MLPs), every tensor is
+      loaded (``strict`` as in ``load_state_dict``), and the model is returned.
 
-    Raises :class:`CheckpointError` for a damaged, truncated, unknown-version
-    or mismatched file.
+    Raises :class:`CheckpointError` for a damaged, truncated, edited,
+    unknown-version or mismatched file; a refused load leaves ``model`` as it was.
     """
     header, tensors = _read(path)
     tensors = {k: v.to(map_location) for k, v in tensors.items()}
-    bases: Dict[str, SharedBase] = {}
-    for bpath in header["bases"]:
-        key = f"{bpath}.U"
-        if key not in tensors:
-            raise CheckpointError(f"{path}: base tensor {key!r} is missing")
-        quantized = header["bases"][bpath].get("quantized", False)
-        if quantized and f"{bpath}.U_scales" not in tensors:
-            raise CheckpointError(f"{path}: base tensor {bpath + '.U_scales'!r} is missing")
-        try:
-            bases[bpath] = SharedBase(tensors[key], tensors[f"{bpath}.U_scales"] if quantized else None)
-        except ValueError as exc:
-            raise CheckpointError(f"{path}: invalid base {bpath!r}: {exc}") from None
-    built = {name: _build_layer(name, rec, bases[rec["base"]], tensors) for name, rec in header["layers"].items()}
+    bases, built = _build(header, tensors, path)
     container = header.get("container")
 
     if model is None:
@@ -191,7 +285,6 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Uni
             return group
         if container == "layer":
             layer = built[""]
-            layer.shared_base = layer.base
             _load_state(layer, tensors, path, strict)
             return layer
         raise CheckpointError(f"{path}: holds a whole model; pass the model to load it into "
@@ -207,19 +300,51 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *, map_location: Uni
             if getattr(old, attr, getattr(layer, attr)) != getattr(layer, attr):
                 raise CheckpointError(f"{path}: module {name!r} has {attr}={getattr(old, attr)} but the "
                                       f"checkpoint's layer has {getattr(layer, attr)}")
-    replaced = tuple(f"{name}." for name in built) + tuple(f"{b}." for b in bases)
+    fusions = _fusions(header, model, path)
+    replaced = tuple(f"{name}." for name in built)
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(replaced)}
     for name, layer in built.items():
         expected.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
-    for bpath, base in bases.items():
-        expected.update({f"{bpath}.{k}": v for k, v in base.state_dict().items()})
+    for absorbed in fusions[0]:
+        expected = {k: v for k, v in expected.items() if not k.startswith(absorbed + ".")}
     _check_fits(expected, tensors, path, strict)
     for name, layer in built.items():
         set_submodule(model, name, layer)
-    for bpath, base in bases.items():
-        _set_base(model, bpath, base)
+    _apply_fusions(model, fusions)
     _load_state(model, tensors, path, strict)
     return model
+
+
+def _fusions(header: dict, model: nn.Module, path) -> Tuple[List[str], Dict[str, List[str]]]:
+    """(activation modules to replace by Identity, gated MLPs to wrap), checked against ``model``."""
+    absorbed = []
+    for name, rec in header.get("layers", {}).items():
+        if rec.get("absorbs"):
+            act = _join(_parent(name), rec["absorbs"])
+            try:
+                get_submodule(model, act)
+            except AttributeError:
+                raise CheckpointError(f"{path}: the model has no module {act!r} for layer {name!r}'s "
+                                      f"activation epilogue") from None
+            absorbed.append(act)
+    gated = header.get("gated", {})
+    for mlp, names in gated.items():
+        try:
+            parent = get_submodule(model, mlp)
+        except AttributeError:
+            raise CheckpointError(f"{path}: the model has no gated MLP {mlp!r}") from None
+        if len(names) != 3 or not all(hasattr(parent, n) for n in names):
+            raise CheckpointError(f"{path}: gated MLP {mlp!r} has no children {names}")
+    return absorbed, gated
+
+
+def _apply_fusions(model: nn.Module, fusions) -> None:
+    absorbed, gated = fusions
+    for act in absorbed:
+        set_submodule(model, act, nn.Identity())
+    for mlp, names in gated.items():
+        parent = get_submodule(model, mlp)
+        set_submodule(model, mlp, FiPSGatedMLP(*(getattr(parent, n) for n in names), names=tuple(names)))
 
 
 def _check_fits(expected: Dict[str, torch.Tensor], tensors: Dict[str, torch.Tensor], path, strict: bool) -> None:

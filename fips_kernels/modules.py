@@ -1,26 +1,34 @@
 """FiPS layers: :class:`SharedBase`, :class:`FiPSLinear`, :class:`FiPSGroup`,
-:func:`factorize_group` and :func:`install`.
+:class:`FiPSGatedMLP`, and :func:`install`, which puts a group into a model and
+fuses what can run fused.
 
 A group of linear layers (the MLPs of ``n`` consecutive blocks) shares one
 dense base ``U (d × r)``; each layer owns a sparse factor ``V_i (r × h_i)``
-(DESIGN §1). The base is registered once — on the :class:`FiPSGroup`, or on
-the model under ``fips_bases`` after :func:`install` — and every layer holds a
-plain (unregistered) reference to it, so it appears once in ``parameters()``,
-``state_dict()`` and checkpoints, and moves with the model.
+(DESIGN §1).
+
+**Base ownership — one rule everywhere:** a group's :class:`SharedBase` is a
+submodule named ``shared_base`` of the group's *first* layer; every other
+layer holds a plain (unregistered) reference to it. So ``U`` appears once in
+``parameters()``, ``state_dict()`` and checkpoints (as
+``<first layer>.shared_base.U``), moves with the model, and a group of one
+layer owns its base.
+
+The initialisation (SVD, masks, budget → rank) lives in :mod:`.factorize`,
+:mod:`.masks` and :mod:`.budget`; fusion sites in :mod:`.fusion`.
 """
 from __future__ import annotations
 
-import math
+import importlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from . import ops, reference
-from .formats import AUX_NAMES, DEFAULT_TILE, FormatError, SparseFactor, parse_pattern
+from . import dispatch, fusion, ops, reference
+from .formats import AUX_NAMES, SparseFactor
 
-__all__ = ["SharedBase", "FiPSLinear", "FiPSGroup", "factorize_group", "rank_for_budget", "group_rank",
-           "stored_values", "install"]
+__all__ = ["SharedBase", "FiPSLinear", "FiPSGroup", "FiPSGatedMLP", "install", "bases_of", "fips_layers",
+           "get_submodule", "set_submodule", "prepare"]
 
 KINDS = reference.KINDS
 
@@ -38,6 +46,9 @@ class SharedBase(nn.Module):
         if U.dim() != 2:
             raise ValueError(f"SharedBase: U must be 2-D (d, r), got shape {tuple(U.shape)}")
         if U_scales is None:
+            if not U.is_floating_point():
+                raise ValueError(f"SharedBase: a float U must have a floating dtype, got {U.dtype} "
+                                 f"(an int8 U comes with U_scales)")
             self.U = nn.Parameter(U)
             self.register_buffer("U_scales", None)
         else:
@@ -58,6 +69,11 @@ class SharedBase(nn.Module):
     @property
     def quantized(self) -> bool:
         return self.U_scales is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The arithmetic dtype (the scales' for an int8 base)."""
+        return (self.U_scales if self.quantized else self.U).dtype
 
     @property
     def operand(self):
@@ -85,13 +101,13 @@ class SharedBase(nn.Module):
 
     def extra_repr(self) -> str:
         quant = ", int8 per-column scales" if self.quantized else ""
-        return f"d={self.d}, rank={self.rank}, dtype={(self.U_scales if self.quantized else self.U).dtype}{quant}"
+        return f"d={self.d}, rank={self.rank}, dtype={self.dtype}{quant}"
 
 
 class FiPSLinear(nn.Module):
-    """A drop-in for ``nn.Linear`` computing ``x·Wᵀ + b`` with ``W`` in factored form.
+    """A drop-in for ``nn.Linear`` computing ``act(x·Wᵀ + b)`` with ``W`` in factored form.
 
-    * ``kind="expand"`` (d→h): ``y = (x·U)·V + b``; the factor is ``B = V (r × h)``.
+    * ``kind="expand"`` (d→h): ``y = act((x·U)·V + b)``; the factor is ``B = V (r × h)``.
     * ``kind="contract"`` (h→d): ``y = (x·Vᵀ)·Uᵀ + b``; the factor is ``B = Vᵀ (h × r)``.
 
     Args:
@@ -99,21 +115,24 @@ class FiPSLinear(nn.Module):
         factor: the layer's reduction-major :class:`SparseFactor` (see above).
         kind: ``"expand"`` or ``"contract"``.
         bias: ``(out_features,)`` or None.
-        own_base: register ``base`` as this layer's submodule (a group of one);
-            otherwise the base must be registered by a :class:`FiPSGroup` or a
-            model (:func:`install`) so it is saved and moved once.
+        own_base: register ``base`` as this layer's ``shared_base`` submodule:
+            the first layer of its group owns the base (:class:`FiPSGroup` and
+            :func:`install` set this); other layers only refer to it.
         cast_input: a floating input of another dtype than the layer's (its
             factors' arithmetic dtype, :attr:`compute_dtype`) is cast to it and
             the output cast back to the input's dtype — e.g. fp16 factors inside
-            an fp32 model (``compress(..., factor_dtype=torch.float16)`` sets it;
-            checkpoints keep it). Off by default: a mismatched input is refused.
+            an fp32 model. Off by default: a mismatched input is refused.
+        activation: ``"none"``, or for an expand layer ``"gelu"``/``"silu"``
+            applied in the kernel's epilogue (what :func:`install` sets when it
+            absorbs the MLP's activation module).
 
     Input ``(*, in_features)`` → output ``(*, out_features)``, same dtype.
     The dense ``weight`` is only built when the property is read.
     """
 
     def __init__(self, base: SharedBase, factor: SparseFactor, kind: str,
-                 bias: Optional[torch.Tensor] = None, *, own_base: bool = False, cast_input: bool = False):
+                 bias: Optional[torch.Tensor] = None, *, own_base: bool = False, cast_input: bool = False,
+                 activation: str = "none"):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"FiPSLinear: kind must be one of {KINDS}, got {kind!r}")
@@ -126,7 +145,7 @@ class FiPSLinear(nn.Module):
         if base.rank != r:
             raise ValueError(f"FiPSLinear: the {kind} factor of shape ({K}, {N}) needs a base of rank {r}, "
                              f"got U of shape {tuple(base.U.shape)}")
-        object.__setattr__(self, "_base", base)  # a reference, not a submodule: stored once elsewhere
+        object.__setattr__(self, "_base", base)  # a reference; registered once, on the group's first layer
         if own_base:
             self.shared_base = base
         self.kind = kind
@@ -151,13 +170,20 @@ class FiPSLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.cast_input = bool(cast_input)
+        self.activation = "none"
+        self.set_activation(activation)
         self._weight_cache: Optional[torch.Tensor] = None
-        self._cache_versions: Tuple[int, int] = (-1, -1)
+        self._cache_versions: Tuple[int, ...] = ()
 
     # ---- the factors ------------------------------------------------------
     @property
     def base(self) -> SharedBase:
         return self._base
+
+    @property
+    def owns_base(self) -> bool:
+        """Whether this layer registers the group's base (the group's first layer)."""
+        return self._modules.get("shared_base") is self._base
 
     @property
     def U(self) -> torch.Tensor:
@@ -191,6 +217,15 @@ class FiPSLinear(nn.Module):
         self.meta = list(factor.meta)
         self._weight_cache = None
 
+    def set_activation(self, activation: str) -> None:
+        """Fuse ``activation`` (``"gelu"``/``"silu"``; ``"none"`` removes it) into this
+        expand layer's epilogue."""
+        if activation not in reference.ACTIVATIONS:
+            raise ValueError(f"FiPSLinear: activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
+        if activation != "none" and self.kind != "expand":
+            raise ValueError("FiPSLinear: an activation epilogue is only fused into expand layers")
+        self.activation = activation
+
     @property
     def compute_dtype(self) -> torch.dtype:
         """The layer's arithmetic dtype: its float values' (a quantised factor's scales')."""
@@ -208,12 +243,19 @@ class FiPSLinear(nn.Module):
 
     def nbytes(self) -> int:
         """Bytes this layer owns (factor + bias; the shared base is counted by its group)."""
-        n = self.factor.nbytes
-        return n + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+        return self.factor.nbytes + self.bias_nbytes()
+
+    def bias_nbytes(self) -> int:
+        return self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
 
     def num_parameters(self) -> int:
         """Stored factor values + bias (the base is counted by its group)."""
         return self.factor.nnz + (self.bias.numel() if self.bias is not None else 0)
+
+    def dispatch_problem(self, M: int, op: Optional[str] = None) -> dispatch.Problem:
+        """The dispatch problem of a call with ``M`` input rows (``op`` defaults to the kind)."""
+        return dispatch.Problem.for_layer(op or self.kind, self.kind, self.factor.layout, self.compute_dtype,
+                                          self.V_values.device, M, self._base.d, self.activation)
 
     # ---- speed over memory: a cached dense weight for large M ---------------
     def cache_weight(self, enabled: bool = True) -> int:
@@ -254,46 +296,62 @@ class FiPSLinear(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._weight_cache is not None and not torch.is_grad_enabled() and self._large_m(x):
-            return torch.nn.functional.linear(x, self._cached_weight(), self.bias)
+            y = torch.nn.functional.linear(x, self._cached_weight(), self.bias)
+            return reference.activate(y, self.activation)
         aux = [getattr(self, n) for n in self._aux_names] + [None, None]
-        op = torch.ops.fips_kernels.expand if self.kind == "expand" else torch.ops.fips_kernels.contract
         base = self._base
-        return op(x, base.U, base.U_scales, self.V_values, aux[0], aux[1], self.V_scales, self.bias,
-                  self.format, self.meta)
+        if self.kind == "expand":
+            return torch.ops.fips_kernels.expand(x, base.U, base.U_scales, self.V_values, aux[0], aux[1],
+                                                 self.V_scales, self.bias, self.format, self.meta, self.activation)
+        return torch.ops.fips_kernels.contract(x, base.U, base.U_scales, self.V_values, aux[0], aux[1],
+                                               self.V_scales, self.bias, self.format, self.meta)
 
     def extra_repr(self) -> str:
         f = self.factor
         return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, "
                 f"rank={self.rank}, format={self.format}, pattern={f.pattern()}, "
                 f"density={f.density:.3f}, bias={self.bias is not None}"
+                + (f", activation={self.activation}" if self.activation != "none" else "")
                 + (f", dtype={self.compute_dtype}, cast_input=True" if self.cast_input else ""))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, budget: float = 0.5, sparsity: Optional[float] = None,
                     pattern: str = "unstructured", kind: Optional[str] = None, **kwargs) -> "FiPSLinear":
-        """A group of one: factorise a single ``nn.Linear`` into a layer that owns its base."""
+        """A group of one: factorise a single ``nn.Linear`` into a layer that owns its base
+        (a shortcut for :func:`fips_kernels.factorize_group`, imported on call so
+        this module does not depend on the initialisation code)."""
+        from .factorize import factorize_group
+
         group = factorize_group([linear], budget=budget, sparsity=sparsity, pattern=pattern,
                                 kinds=None if kind is None else [kind], **kwargs)
-        layer = group.layers[0]
-        layer.shared_base = layer.base
-        return layer
+        return group.layers[0]
 
 
 class FiPSGroup(nn.Module):
     """One shared base and the layers that use it (what :func:`factorize_group` returns).
 
-    Indexable like a list of :class:`FiPSLinear`. ``state_dict()`` holds
-    ``base.U`` once and ``layers.<i>.*`` for each layer.
+    Indexable like a list of :class:`FiPSLinear`. The base is registered on the
+    first layer: ``state_dict()`` holds ``layers.0.shared_base.U`` once and
+    ``layers.<i>.*`` for each layer.
     """
 
     def __init__(self, base: SharedBase, layers: Sequence[FiPSLinear], info: Optional[dict] = None):
         super().__init__()
+        if len(layers) == 0:
+            raise ValueError("FiPSGroup: needs at least one layer")
         for i, layer in enumerate(layers):
             if layer.base is not base:
                 raise ValueError(f"FiPSGroup: layer {i} uses a different base")
-        self.base = base
+            if i and layer.owns_base:
+                del layer.shared_base  # the first layer owns the base
+        layers[0].shared_base = base
+        object.__setattr__(self, "_base", base)
         self.layers = nn.ModuleList(layers)
         self.info = dict(info or {})
+
+    @property
+    def base(self) -> SharedBase:
+        return self._base
 
     def __getitem__(self, i: int) -> FiPSLinear:
         return self.layers[i]
@@ -318,8 +376,8 @@ class FiPSGroup(nn.Module):
     def quantize_(self, bits: int = 8, qgroup: int = 64, base_bits: Optional[int] = 8) -> "FiPSGroup":
         """Round every factor to int8/int4 (one scale per ``qgroup`` rows of the
         reduction axis and column) and, unless ``base_bits`` is None, the base to
-        int8 with per-column scales — in place. Round to nearest on a symmetric
-        grid (see :meth:`SparseFactor.pack`); the sparsity patterns are kept."""
+        int8 with per-column scales — in place. Round to nearest on the symmetric
+        grid of :mod:`fips_kernels.formats.quant`; the sparsity patterns are kept."""
         for layer in self.layers:
             layer._set_factor(layer.factor.quantize(bits, qgroup))
         if base_bits is not None:
@@ -335,278 +393,74 @@ class FiPSGroup(nn.Module):
         return ", ".join(f"{k}={self.info[k]}" for k in keys if k in self.info)
 
 
-# --------------------------------------------------------------------------
-# factorize_group: rank from the budget, SVD init, magnitude masks
-# --------------------------------------------------------------------------
+class FiPSGatedMLP(nn.Module):
+    """A gated MLP (Llama/Gemma/Mistral/Qwen2) whose gate and up projections are
+    FiPS layers of one group: ``down(silu(x·U·V_g + b_g) * (x·U·V_u + b_u))``
+    with ``z = x·U`` computed once and gate and up decoded in one fused op
+    (:func:`fips_kernels.gate_up`).
 
-def rank_for_budget(d: int, hidden: Sequence[int], budget: float, sparsity: float) -> int:
-    """The paper's rank formula, generalised to any hidden widths:
-    ``r = floor(p·d·H / (d + (1−s)·H))`` with ``H = Σ h_i`` (``= F·n·h``).
-
-    DeiT-B (d=768, 8 layers of h=3072), p=0.5, s=0.75 gives 1365.
+    Built by :func:`install` from the model's own MLP module: the children keep
+    their names (``gate_proj``/``up_proj``/``down_proj``), so ``state_dict`` keys
+    are those of the original model. ``x (*, d)`` → ``(*, d)``.
     """
-    H = sum(hidden)
-    return int(math.floor(budget * d * H / (d + (1.0 - sparsity) * H) + 1e-9))
+
+    def __init__(self, gate: FiPSLinear, up: FiPSLinear, down: nn.Module,
+                 names: Tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"), activation: str = "silu"):
+        super().__init__()
+        why = gated_pair_reasons(gate, up)
+        if why:
+            raise ValueError("FiPSGatedMLP: " + "; ".join(why))
+        if activation != "silu":
+            raise ValueError(f"FiPSGatedMLP: the fused gate/up op computes silu(gate) * up, got {activation!r}")
+        self.names = tuple(names)
+        self.activation = activation
+        for name, module in zip(self.names, (gate, up, down)):
+            self.add_module(name, module)
+
+    @property
+    def gate(self) -> FiPSLinear:
+        return getattr(self, self.names[0])
+
+    @property
+    def up(self) -> FiPSLinear:
+        return getattr(self, self.names[1])
+
+    @property
+    def down(self) -> nn.Module:
+        return getattr(self, self.names[2])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate, self.up
+        if gate._weight_cache is not None and up._weight_cache is not None and not torch.is_grad_enabled() \
+                and gate._large_m(x):  # cached dense weights (cache_weights): two dense GEMMs
+            return self.down(torch.nn.functional.silu(gate(x)) * up(x))
+        dtype = gate.compute_dtype
+        z = x.to(dtype) if gate.cast_input and x.is_floating_point() else x
+        h = ops.gate_up(z, gate.base.operand, gate.factor, up.factor, gate.bias, up.bias)
+        return self.down(h.to(x.dtype) if gate.cast_input else h)
+
+    def extra_repr(self) -> str:
+        return f"fused gate/up ({self.names[0]}, {self.names[1]}), activation={self.activation}"
 
 
-def stored_values(kind: str, r: int, h: int, pattern: Tuple, sparsity: float) -> int:
-    """Values a layer's factor stores at rank ``r`` (what the budget counts).
-    ``pattern`` is :func:`~fips_kernels.formats.parse_pattern`'s ``(kind, n, m)``."""
-    ptype, n, m = pattern
-    if ptype == "nm":
-        K, N = (r, h) if kind == "expand" else (h, r)
-        return -(-K // m) * n * N
-    if ptype == "topk":
-        return min(n, r) * h
-    if ptype == "dense":
-        return r * h
-    return int(math.floor((1.0 - sparsity) * r * h))
-
-
-def resolve_sparsity(pattern: str, sparsity: Optional[float]) -> Tuple[Tuple, float]:
-    """``(parse_pattern(pattern), s)``: the sparsity an N:M pattern implies, 0 for
-    dense, 0.75 by default for unstructured; a contradiction raises ValueError."""
-    ptype, n, m = parse_pattern(pattern)
-    if ptype == "nm":
-        implied = 1.0 - n / m
-        if sparsity is not None and abs(sparsity - implied) > 1e-9:
-            raise ValueError(f"pattern {pattern} implies sparsity {implied}, got {sparsity}")
-        sparsity = implied
-    elif ptype == "topk":
-        if sparsity is not None:
-            raise ValueError(f"pattern {pattern} fixes the non-zeros per unit; do not pass sparsity")
-        sparsity = 0.0  # resolved against the rank by group_rank's caller
-    elif ptype == "dense":
-        if sparsity not in (None, 0, 0.0):
-            raise ValueError(f"pattern 'dense' has sparsity 0, got {sparsity}")
-        sparsity = 0.0
-    elif sparsity is None:
-        sparsity = 0.75
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    return (ptype, n, m), sparsity
-
-
-def group_rank(d: int, hidden: Sequence[int], kinds: Sequence[str], pattern: str = "unstructured",
-               budget: float = 0.5, sparsity: Optional[float] = None) -> int:
-    """The rank :func:`factorize_group` chooses: the paper's formula
-    (:func:`rank_for_budget`; for ``topK``, ``d·r + K·Σh ≤ p·d·Σh``), then lowered
-    until ``d·r + Σ stored values ≤ p·Σ d·h`` holds exactly (N:M tails and floors
-    can overshoot the formula by a few values)."""
-    pat, sparsity = resolve_sparsity(pattern, sparsity)
-    dense_params = sum(d * h for h in hidden)
-    if pat[0] == "topk":
-        rank = int(math.floor((budget * dense_params - pat[1] * sum(hidden)) / d))
-    else:
-        rank = rank_for_budget(d, hidden, budget, sparsity)
-    while rank > 0 and d * rank + sum(stored_values(k, rank, h, pat, sparsity)
-                                      for k, h in zip(kinds, hidden)) > budget * dense_params:
-        rank -= 1
-    if rank < 1:
-        raise ValueError(f"budget {budget} leaves no rank for d={d}, hidden={list(hidden)}")
-    return rank
-
-
-def _infer_kinds(weights: Sequence[torch.Tensor]) -> List[str]:
-    kinds = []
-    for i, w in enumerate(weights):
-        out_f, in_f = w.shape
-        if out_f == in_f:
-            raise ValueError(f"factorize_group: cannot tell whether layer {i} ({in_f}→{out_f}) expands or "
-                             f"contracts; pass kinds=[...]")
-        kinds.append("expand" if out_f > in_f else "contract")
-    return kinds
-
-
-def _group_masks(Vs: List[torch.Tensor], kinds: Sequence[str], pattern: Tuple, sparsity: float,
-                 scope: str) -> List[torch.Tensor]:
-    """Magnitude masks on each layer's V (r × h)."""
-    ptype, n, m = pattern
-    if ptype == "dense":
-        return [torch.ones_like(V, dtype=torch.bool) for V in Vs]
-    if ptype == "topk":  # the n largest entries of every hidden unit (a column of V)
-        return [torch.zeros_like(V, dtype=torch.bool).scatter_(0, torch.topk(V.abs(), min(n, V.shape[0]), dim=0).indices,
-                                                               True) for V in Vs]
-    if ptype == "nm":
-        masks = []
-        for V, kind in zip(Vs, kinds):
-            B = V if kind == "expand" else V.t()  # N:M along the reduction axis (axis 0 of B)
-            K, N = B.shape
-            G = -(-K // m)
-            padded = torch.nn.functional.pad(B.abs(), (0, 0, 0, G * m - K), value=-1.0).reshape(G, m, N)
-            keep = torch.topk(padded, n, dim=1).indices
-            mask = torch.zeros_like(padded, dtype=torch.bool).scatter_(1, keep, True).reshape(G * m, N)[:K]
-            masks.append(mask if kind == "expand" else mask.t())
-        return masks
-    if scope == "layer":
-        masks = []
-        for V in Vs:
-            k = int(math.floor((1.0 - sparsity) * V.numel()))
-            flat = torch.zeros(V.numel(), dtype=torch.bool, device=V.device)
-            flat[torch.topk(V.abs().flatten(), k).indices] = True
-            masks.append(flat.view_as(V))
-        return masks
-    if scope != "global":
-        raise ValueError(f"mask_scope must be 'global' or 'layer', got {scope!r}")
-    scores = torch.cat([V.abs().flatten() for V in Vs])
-    k = int(math.floor((1.0 - sparsity) * scores.numel()))
-    flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    flat[torch.topk(scores, k).indices] = True
-    return [t.view_as(V) for t, V in zip(flat.split([V.numel() for V in Vs]), Vs)]
-
-
-def factorize_group(linears: Sequence[nn.Module], *, budget: float = 0.5, sparsity: Optional[float] = None,
-                    pattern: str = "unstructured", kinds: Optional[Sequence[str]] = None,
-                    rank: Optional[int] = None, mask_scope: str = "global", format: Optional[str] = None,
-                    tile: Tuple[int, int] = DEFAULT_TILE, dtype: Optional[torch.dtype] = None,
-                    svd_device: Optional[torch.device] = None, qbits: Optional[int] = None,
-                    qgroup: int = 64, base_qbits: Optional[int] = None, method: str = "svd",
-                    pgd_steps: int = 100, gram: Optional[torch.Tensor] = None) -> FiPSGroup:
-    """Factorise a group of linear layers into one shared base and sparse factors.
-
-    The paper's initialisation (no training: that is ``fips_kernels.compress``):
-    the weights are stacked in ``d × h`` orientation along the hidden axis into
-    ``M (d × Σh)``; ``U`` = the left singular vectors, ``V = diag(S)·Vhᵀ``,
-    truncated to the rank the budget allows. When ``r > d`` the base is
-    overcomplete: ``U`` gets ``r−d`` zero columns and ``V`` extra rows copied
-    from its top rows divided by 32 (``U·V`` is unchanged). Masks keep the
-    largest-magnitude entries of ``V`` (over the whole group by default).
-
-    Args:
-        linears: the group's ``nn.Linear`` layers (expand: d→h, contract: h→d).
-        budget: kept fraction ``p`` of the group's weight parameters; ``d·r +
-            Σ nnz(V_i) ≤ p · Σ d·h_i`` holds exactly (biases not counted).
-        sparsity: ``s`` of the factors (default 0.75 for unstructured; implied
-            by an N:M pattern; 0 for ``"dense"``).
-        pattern: ``"unstructured"``, ``"dense"``, ``"N:M"`` (e.g. ``"1:4"``)
-            along each product's reduction axis (r for expand, h for contract),
-            or ``"topK"`` (e.g. ``"top4"``): at most K non-zeros per hidden unit
-            (a column of V; the ``ell`` format, served by the tile-reconstruct kernel).
-        kinds: ``"expand"``/``"contract"`` per layer (inferred from the shapes when None).
-        rank: override the budget's rank.
-        mask_scope: ``"global"`` (one magnitude threshold over the group) or ``"layer"``.
-        format: storage format (default: ``bitmap`` for unstructured, ``nm``, ``dense``, ``ell``).
-        tile: bitmap tile.
-        dtype: dtype of the result (default: the weights' dtype).
-        svd_device: where to run the SVD (default: the weights' device).
-        qbits, qgroup: quantise the factors' values to int8/int4 with one scale
-            per ``qgroup`` rows of each reduction axis (docs/FORMATS.md).
-        base_qbits: 8 for an int8 base with per-column scales.
-        method: ``"svd"`` (mask the SVD factors, then round: the paper's init)
-            or ``"pgd"`` (then :func:`fips_kernels.pgd.pgd_factorize`:
-            projected gradient descent onto the sparse set and the grids).
-        pgd_steps: PGD iterations. gram: optional ``(d, d)`` weighting of the
-            error for PGD (e.g. ``XᵀX`` of calibration inputs of the expand layers).
-    Returns:
-        a :class:`FiPSGroup` whose ``info`` holds the rank, budget, parameter and
-        byte counts and each layer's relative reconstruction error.
-    """
-    if len(linears) == 0:
-        raise ValueError("factorize_group: needs at least one linear layer")
-    weights = [lin.weight.detach() for lin in linears]
-    for i, w in enumerate(weights):
-        if w.dim() != 2:
-            raise ValueError(f"factorize_group: layer {i} weight must be 2-D, got {tuple(w.shape)}")
-    kinds = list(kinds) if kinds is not None else _infer_kinds(weights)
-    if len(kinds) != len(weights) or any(k not in KINDS for k in kinds):
-        raise ValueError(f"factorize_group: kinds must list 'expand'/'contract' for each of the "
-                         f"{len(weights)} layers, got {kinds}")
-    # d×h orientation: expand weight (h×d) transposed, contract weight (d×h) as is.
-    mats = [w.t() if k == "expand" else w for w, k in zip(weights, kinds)]
-    d = mats[0].shape[0]
-    for i, mat in enumerate(mats):
-        if mat.shape[0] != d:
-            raise ValueError(f"factorize_group: layer {i} ({kinds[i]}, weight {tuple(weights[i].shape)}) "
-                             f"does not share the model width d={d} of layer 0; groups never cross a change of d")
-    hidden = [mat.shape[1] for mat in mats]
-    try:
-        (ptype, n, m), sparsity = resolve_sparsity(pattern, sparsity)
-    except ValueError as exc:
-        if isinstance(exc, FormatError):
-            raise
-        raise ValueError(f"factorize_group: {exc}") from None
-    if not 0.0 < budget <= 1.0 and rank is None:
-        raise ValueError(f"factorize_group: budget must be in (0, 1], got {budget}")
-    fmt = format or {"unstructured": "bitmap", "nm": "nm", "dense": "dense", "topk": "ell"}[ptype]
-    if (ptype == "nm") != (fmt == "nm") or (ptype == "topk") != (fmt == "ell"):
-        raise ValueError(f"factorize_group: format {fmt!r} does not fit pattern {pattern!r}")
-    pat = (ptype, n, m)
-
-    dense_params = sum(d * h for h in hidden)
-    if rank is None:
-        try:
-            rank = group_rank(d, hidden, kinds, pattern, budget, sparsity if ptype == "unstructured" else None)
-        except ValueError as exc:
-            raise ValueError(f"factorize_group: {exc}") from None
-    if rank < 1:
-        raise ValueError(f"factorize_group: rank must be >= 1, got {rank}")
-
-    out_dtype = dtype or weights[0].dtype
-    device = weights[0].device
-    work = torch.cat(mats, dim=1).to(device=svd_device or device, dtype=torch.float32)
-    P, S, Qh = torch.linalg.svd(work, full_matrices=False)
-    k = S.shape[0]
-    Vfull = S.unsqueeze(1) * Qh  # (k × H)
-    if rank <= k:
-        U, Vall = P[:, :rank], Vfull[:rank]
-    else:  # overcomplete: zero columns in U, V rows copied from the top rows / 32 (U·V unchanged)
-        extra = rank - k
-        U = torch.cat([P, P.new_zeros(d, extra)], dim=1)
-        Vall = torch.cat([Vfull, Vfull[torch.arange(extra, device=Vfull.device) % k] / 32], dim=0)
-    if method == "pgd":
-        from .pgd import pgd_factorize
-
-        if qbits and fmt not in ("dense", "nm", "bitmap"):
-            raise ValueError(f"factorize_group: the {fmt} format cannot be quantised")
-        result = pgd_factorize(work, U, Vall, widths=hidden, kinds=kinds, pattern=pattern, sparsity=sparsity,
-                               scope=mask_scope, qbits=qbits, qgroup=qgroup, base_qbits=base_qbits,
-                               steps=pgd_steps, G=gram)
-        U, Vall = result.U, result.V  # already sparse and on the grids
-    elif method != "svd":
-        raise ValueError(f"factorize_group: method must be 'svd' or 'pgd', got {method!r}")
-    U = U.to(device)
-    Vs = [v.to(device) for v in Vall.split(hidden, dim=1)]
-    masks = _group_masks(Vs, kinds, pat, sparsity, mask_scope)
-
-    base = SharedBase(U.to(out_dtype).contiguous())
-    if base_qbits:
-        base.quantize_(base_qbits)
-    layers, errors = [], []
-    for lin, kind, V, mask, W in zip(linears, kinds, Vs, masks, weights):
-        Vm = (V * mask).to(out_dtype)
-        B = Vm if kind == "expand" else Vm.t()
-        factor = SparseFactor.pack(B.contiguous(), fmt, n=n, m=m, tile=tile,
-                                   k=min(n, rank) if ptype == "topk" else None,
-                                   axis=(0 if kind == "expand" else 1) if ptype == "topk" else None,
-                                   qbits=qbits, qgroup=qgroup)
-        bias = lin.bias.detach().to(out_dtype).clone() if getattr(lin, "bias", None) is not None else None
-        layer = FiPSLinear(base, factor, kind, bias)
-        layers.append(layer)
-        with torch.no_grad():
-            W_hat = reference.linear_weight(base.operand, factor, kind).float()
-            errors.append(float((W_hat - W.float()).norm() / W.float().norm().clamp_min(1e-30)))
-    group = FiPSGroup(base, layers)
-    if ptype == "topk":
-        sparsity = 1.0 - min(n, rank) / rank
-    group.info = {
-        "rank": rank, "budget": budget, "sparsity": sparsity, "pattern": pattern, "format": fmt,
-        "qbits": qbits, "qgroup": qgroup if qbits else None, "base_qbits": base_qbits, "method": method,
-        "kinds": kinds, "d": d, "hidden": hidden,
-        "dense_parameters": dense_params,
-        "parameters": base.U.numel() + sum(layer.factor.nnz for layer in layers),
-        "dense_bytes": dense_params * torch.empty((), dtype=out_dtype).element_size(),
-        "bytes": group.nbytes() - _bias_bytes(layers),
-        "relative_errors": errors,
-    }
-    return group
-
-
-def _bias_params(layers) -> int:
-    return sum(layer.bias.numel() for layer in layers if layer.bias is not None)
-
-
-def _bias_bytes(layers) -> int:
-    return sum(layer.bias.numel() * layer.bias.element_size() for layer in layers if layer.bias is not None)
+def gated_pair_reasons(gate: nn.Module, up: nn.Module) -> List[str]:
+    """Why ``gate`` and ``up`` cannot run as one fused gate/up op (empty: they can)."""
+    if not isinstance(gate, FiPSLinear) or not isinstance(up, FiPSLinear):
+        return ["gate and up are not both FiPS layers"]
+    why = []
+    if gate.base is not up.base:
+        why.append("gate and up do not share a base (they are in different groups)")
+    if gate.kind != "expand" or up.kind != "expand":
+        why.append("gate and up must be expand layers")
+    if gate.format != up.format or gate.meta != up.meta:
+        why.append(f"gate and up differ in format or layout ({gate.format} {gate.meta} vs {up.format} {up.meta})")
+    if (gate.bias is None) != (up.bias is None):
+        why.append("only one of gate and up has a bias")
+    if gate.cast_input != up.cast_input or gate.compute_dtype != up.compute_dtype:
+        why.append("gate and up differ in dtype")
+    if gate.activation != "none" or up.activation != "none":
+        why.append("gate or up already has an activation epilogue")
+    return why
 
 
 # --------------------------------------------------------------------------
@@ -623,11 +477,17 @@ def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
-def install(model: nn.Module, group: FiPSGroup, names: Sequence[str]) -> str:
-    """Replace the modules at ``names`` (dotted paths) by the group's layers and
-    register the group's base once — on ``model.fips_bases``, or, when ``model``
-    is an ``nn.Sequential`` (whose forward would run an extra child), on the
-    group's first layer as ``shared_base``. Returns the base's path."""
+def install(model: nn.Module, group: FiPSGroup, names: Sequence[str], *, fuse: bool = True) -> str:
+    """Replace the modules at ``names`` (dotted paths) by the group's layers; the
+    base stays registered on the first one (``<names[0]>.shared_base``).
+
+    With ``fuse`` (the default), what can run fused does: an exact GELU right
+    after an expand layer (timm ``Mlp``, Hugging Face ``*Intermediate``) moves
+    into the layer's epilogue and its module becomes ``nn.Identity``; a gated
+    MLP (Hugging Face ``*MLP`` with SiLU) whose gate and up are in this group
+    becomes a :class:`FiPSGatedMLP`. :func:`fusion_report` lists what was fused
+    and why the rest was not. Returns the base's path.
+    """
     if len(names) != len(group):
         raise ValueError(f"install: {len(names)} names for a group of {len(group)} layers")
     for name, layer in zip(names, group):
@@ -636,19 +496,82 @@ def install(model: nn.Module, group: FiPSGroup, names: Sequence[str]) -> str:
                 getattr(old, "out_features", layer.out_features) != layer.out_features:
             raise ValueError(f"install: {name} is {old.in_features}→{old.out_features} but the FiPS layer "
                              f"is {layer.in_features}→{layer.out_features}")
+    for name, layer in zip(names, group):
         set_submodule(model, name, layer)
-    if isinstance(model, nn.Sequential):
-        group.layers[0].shared_base = group.base
-        return f"{names[0]}.shared_base"
-    if not isinstance(getattr(model, "fips_bases", None), nn.ModuleDict):
-        model.fips_bases = nn.ModuleDict()
-    key = str(len(model.fips_bases))
-    while key in model.fips_bases:
-        key = str(int(key) + 1)
-    model.fips_bases[key] = group.base
-    return f"fips_bases.{key}"
+    if fuse:
+        fuse_layers(model, names)
+    return f"{names[0]}.shared_base" if names[0] else "shared_base"
+
+
+def fuse_layers(model: nn.Module, names: Sequence[str]) -> List[dict]:
+    """Fuse activation epilogues and gate/up pairs around the FiPS layers at
+    ``names`` (see :func:`install`); returns the fusions applied."""
+    done = []
+    installed = set(names)
+    for site in fusion.activation_sites(model, names):
+        layer = get_submodule(model, site.layer)
+        if isinstance(layer, FiPSLinear) and layer.kind == "expand" and layer.activation == "none":
+            layer.set_activation(site.activation)
+            set_submodule(model, site.act, nn.Identity())
+            done.append({"fusion": "activation", "layer": site.layer, "activation": site.activation})
+    for site in fusion.gated_sites(model, names):
+        mlp = get_submodule(model, site.mlp)
+        gate, up, down = (getattr(mlp, n) for n in site.children)
+        prefix = f"{site.mlp}." if site.mlp else ""
+        if prefix + site.children[0] not in installed or gated_pair_reasons(gate, up):
+            continue
+        set_submodule(model, site.mlp, FiPSGatedMLP(gate, up, down, site.children, site.activation))
+        done.append({"fusion": "gate_up", "mlp": site.mlp})
+    return done
+
+
+def fusion_report(model: nn.Module) -> Dict[str, object]:
+    """What runs fused in ``model``: expand layers with an activation epilogue, gated
+    MLPs on the fused gate/up op, and the gated MLPs that are not, with the reason."""
+    acts = [n for n, m in model.named_modules() if isinstance(m, FiPSLinear) and m.activation != "none"]
+    gated = [n for n, m in model.named_modules() if isinstance(m, FiPSGatedMLP)]
+    unfused = {}
+    for site in fusion.gated_sites(model, None, explain=True):
+        mlp = get_submodule(model, site.mlp)
+        if isinstance(mlp, FiPSGatedMLP):
+            continue
+        gate, up = (getattr(mlp, n) for n in site.children[:2])
+        why = site.reasons or gated_pair_reasons(gate, up)
+        if why and isinstance(gate, FiPSLinear):
+            unfused[site.mlp] = "; ".join(why)
+    return {"activation_epilogues": len(acts), "gate_up": len(gated), "not_fused": unfused}
+
+
+def fips_layers(model: nn.Module) -> Dict[str, FiPSLinear]:
+    """Every :class:`FiPSLinear` of ``model`` by path."""
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, FiPSLinear)}
 
 
 def bases_of(model: nn.Module) -> Dict[int, str]:
     """``id(base) -> path`` for every SharedBase registered in ``model``."""
     return {id(mod): name for name, mod in model.named_modules() if isinstance(mod, SharedBase)}
+
+
+def prepare(model: nn.Module, backend: Optional[str] = None) -> int:
+    """Let the backends pack what they would otherwise pack on a first call (the
+    cuda backend's 2:4 copies, before CUDA-graph capture; the cpu backend's
+    speed-mode weights), for every FiPS layer of ``model``. ``backend`` limits
+    it to one. Returns the bytes the backends added."""
+    added = 0
+    for layer in fips_layers(model).values():
+        added += dispatch.prepare(layer, backend)
+    return added
+
+
+# Names that moved out of this module (they import on first use; no import cycle).
+_MOVED = {
+    "factorize_group": "fips_kernels.factorize", "svd_init": "fips_kernels.factorize",
+    "rank_for_budget": "fips_kernels.budget", "group_rank": "fips_kernels.budget",
+    "stored_values": "fips_kernels.budget", "resolve_sparsity": "fips_kernels.budget",
+}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

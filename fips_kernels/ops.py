@@ -17,8 +17,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from . import dispatch
-from .formats import AUX_NAMES, FORMATS, QUANT_FORMATS, SparseFactor, gather_values, unpack
+from . import dispatch, formats
+from .formats import FormatError, Layout, SparseFactor, gather_values, unpack
 from .reference import ACTIVATIONS
 
 __all__ = ["fips_linear", "gate_up", "reconstruct", "check_inputs", "base_operand", "base_matrix"]
@@ -63,10 +63,11 @@ def check_inputs(kind: str, x: Optional[torch.Tensor], U: torch.Tensor, U_scales
     tensors at trace time and never synchronises with the GPU.
     """
     op = f"fips_kernels.{kind}" if x is not None else "fips_kernels.reconstruct"
-    if fmt not in FORMATS:
-        raise ValueError(f"{op}: unknown format {fmt!r}; expected one of {FORMATS}")
+    if fmt not in formats.names():
+        raise ValueError(f"{op}: unknown format {fmt!r}; expected one of {formats.names()}")
     if len(meta) not in (4, 6):
         raise ValueError(f"{op}: meta must be [K, N, p0, p1] (+ [qbits, qgroup] when quantised), got {list(meta)}")
+    spec = formats.get(fmt)
     if U.dim() != 2:
         raise ValueError(f"{op}: the base U must be 2-D (d, r), got shape {_shape(U)}")
     K, N = meta[0], meta[1]
@@ -93,7 +94,7 @@ def check_inputs(kind: str, x: Optional[torch.Tensor], U: torch.Tensor, U_scales
         dtype = U_scales.dtype
     quantized = len(meta) == 6 and int(meta[4]) != 0
     if quantized:
-        if fmt not in QUANT_FORMATS:
+        if not spec.quantizable:
             raise ValueError(f"{op}: the {fmt} format cannot be quantised")
         if values.dtype != torch.int8:
             raise TypeError(f"{op}: quantised factor values must be int8, got {values.dtype}")
@@ -113,10 +114,9 @@ def check_inputs(kind: str, x: Optional[torch.Tensor], U: torch.Tensor, U_scales
             raise TypeError(f"{op}: dtype mismatch: factor values are {values.dtype} but the base U is {dtype}")
     if values.device != U.device:
         raise ValueError(f"{op}: device mismatch: factor values are on {values.device} but U is on {U.device}")
-    needed = len(AUX_NAMES[fmt])
     for i, t in enumerate((aux0, aux1)):
-        if i < needed:
-            name = AUX_NAMES[fmt][i]
+        if i < len(spec.aux):
+            name = spec.aux[i]
             if t is None:
                 raise ValueError(f"{op}: the {fmt} format needs its {name!r} tensor")
             if t.dtype != torch.int32:
@@ -141,9 +141,16 @@ def check_inputs(kind: str, x: Optional[torch.Tensor], U: torch.Tensor, U_scales
             raise ValueError(f"{op}: device mismatch: bias is on {bias.device} but U is on {U.device}")
 
 
+def _layout(fmt, meta) -> Layout:
+    try:
+        return Layout.from_meta(fmt, meta)
+    except FormatError as exc:
+        raise ValueError(f"fips_kernels: bad factor layout: {exc}") from None
+
+
 def _factor(fmt, meta, values, aux0, aux1, scales) -> SparseFactor:
-    aux = [t for t in (aux0, aux1) if t is not None][: len(AUX_NAMES[fmt])]
-    return SparseFactor.from_parts(fmt, meta, values, aux, validate=False, scales=scales)
+    aux = [t for t in (aux0, aux1) if t is not None][: len(formats.get(fmt).aux)]
+    return SparseFactor.from_layout(_layout(fmt, meta), values, aux, scales, validate=False)
 
 
 def _check_activation(activation: str) -> None:
@@ -156,9 +163,9 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"fips_kernels.reconstruct: kind must be 'expand' or 'contract', got {kind!r}")
 
 
-def _problem(op, fmt, dtype, device, M, U, U_scales, meta, kind="") -> dispatch.Problem:
-    return dispatch.Problem(op, fmt, dtype, device, M, meta[0], meta[1], U.shape[0], U.shape[1],
-                            tuple(int(v) for v in meta), kind, U_scales is not None)
+def _problem(op, fmt, dtype, device, M, U, meta, kind=None, activation="none") -> dispatch.Problem:
+    return dispatch.Problem.for_layer(op, kind or ("expand" if op == "gate_up" else op), _layout(fmt, meta), dtype,
+                                      device, M, U.shape[0], activation)
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -168,7 +175,8 @@ def _rows(x: torch.Tensor) -> int:
 def _run_layer(kind, x, U, U_scales, values, aux0, aux1, scales, bias, fmt, meta, activation="none"):
     check_inputs(kind, x, U, U_scales, values, aux0, aux1, scales, bias, fmt, meta)
     x2 = x.reshape(-1, x.shape[-1])
-    kernel = dispatch.select(_problem(kind, fmt, x.dtype, x.device, _rows(x), U, U_scales, meta)).kernel(kind, fmt)
+    kernel = dispatch.select(_problem(kind, fmt, x.dtype, x.device, _rows(x), U, meta, activation=activation)
+                             ).kernel(kind)
     factor = _factor(fmt, meta, values, aux0, aux1, scales)
     base = base_operand(U, U_scales)
     if kind == "expand":
@@ -206,8 +214,8 @@ def _reconstruct(U: torch.Tensor, U_scales: Optional[torch.Tensor], values: torc
     _check_kind(kind)
     check_inputs(kind, None, U, U_scales, values, aux0, aux1, scales, None, fmt, meta)
     dtype = U.dtype if U_scales is None else U_scales.dtype
-    problem = _problem("reconstruct", fmt, dtype, U.device, 0, U, U_scales, meta, kind)
-    return dispatch.select(problem).kernel("reconstruct", fmt)(
+    problem = _problem("reconstruct", fmt, dtype, U.device, 0, U, meta, kind)
+    return dispatch.select(problem).kernel("reconstruct")(
         base_operand(U, U_scales), _factor(fmt, meta, values, aux0, aux1, scales), kind)
 
 
@@ -221,8 +229,7 @@ def _gate_up(x: torch.Tensor, U: torch.Tensor, U_scales: Optional[torch.Tensor],
     _check_gate_up(x, U, U_scales, g_values, g_aux0, g_aux1, g_scales, g_bias,
                    u_values, u_aux0, u_aux1, u_scales, u_bias, fmt, meta)
     x2 = x.reshape(-1, x.shape[-1])
-    kernel = dispatch.select(_problem("gate_up", fmt, x.dtype, x.device, _rows(x), U, U_scales, meta)
-                             ).kernel("gate_up", fmt)
+    kernel = dispatch.select(_problem("gate_up", fmt, x.dtype, x.device, _rows(x), U, meta)).kernel("gate_up")
     y2 = kernel(x2, base_operand(U, U_scales), _factor(fmt, meta, g_values, g_aux0, g_aux1, g_scales),
                 _factor(fmt, meta, u_values, u_aux0, u_aux1, u_scales), g_bias, u_bias)
     return y2.reshape(*x.shape[:-1], y2.shape[-1])
@@ -232,7 +239,9 @@ def _check_gate_up(x, U, U_scales, g_values, g_aux0, g_aux1, g_scales, g_bias,
                    u_values, u_aux0, u_aux1, u_scales, u_bias, fmt, meta):
     check_inputs("expand", x, U, U_scales, g_values, g_aux0, g_aux1, g_scales, g_bias, fmt, meta)
     check_inputs("expand", x, U, U_scales, u_values, u_aux0, u_aux1, u_scales, u_bias, fmt, meta)
-    if fmt not in ("bitmap", "csr") and g_values.shape != u_values.shape:  # bitmap/csr counts may differ
+    layout = _layout(fmt, meta)
+    static = layout.fmt.value_rows(layout.K, layout.N, layout.params) is not None  # else counts may differ
+    if static and g_values.shape != u_values.shape:
         raise ValueError(f"fips_kernels.gate_up: gate and up values differ in shape: "
                          f"{_shape(g_values)} vs {_shape(u_values)}")
     if (g_bias is None) != (u_bias is None):

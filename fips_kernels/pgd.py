@@ -28,7 +28,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .formats import parse_pattern, qmax, scale_matrix
+from .formats import parse_pattern
+from .formats.quant import quantize_dequantize  # the storage grid (re-exported: pgd.quantize_dequantize)
+from .masks import group_masks
 
 __all__ = ["PGDResult", "pgd_factorize", "quantize_dequantize", "project_v"]
 
@@ -40,25 +42,11 @@ class PGDResult:
     losses: List[float] = field(default_factory=list)  # relative error ‖M−UV‖/‖M‖ per step (G-weighted)
 
 
-def quantize_dequantize(B: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """``B (K × N)`` rounded to the symmetric ``bits`` grid, one scale per ``group``
-    rows and column (``s = max|v| / Q``), returned dequantised (fp32)."""
-    Q = qmax(bits)
-    K, N = B.shape
-    G = -(-K // group)
-    padded = torch.nn.functional.pad(B.abs().float(), (0, 0, 0, G * group - K))
-    amax = padded.reshape(G, group, N).amax(1) if K else padded.new_zeros(0, N)
-    s = scale_matrix(torch.where(amax > 0, amax / Q, torch.ones_like(amax)), K, group)
-    return torch.clamp(torch.round(B.float() / s), -Q, Q) * s
-
-
 def project_v(V: torch.Tensor, widths: Sequence[int], kinds: Sequence[str], pattern: Tuple, sparsity: float,
               scope: str, qbits: Optional[int], qgroup: int) -> torch.Tensor:
     """The group's V onto the sparse set (magnitude masks) and the quantisation grid."""
-    from .modules import _group_masks
-
     Vs = list(V.split(list(widths), dim=1))
-    masks = _group_masks(Vs, kinds, pattern, sparsity, scope)
+    masks = group_masks(Vs, kinds, pattern, sparsity, scope)
     out = []
     for Vi, mask, kind in zip(Vs, masks, kinds):
         Vi = Vi * mask

@@ -59,6 +59,45 @@ def assert_close_to_truth(out, truth64, baseline, eps=1e-6):
     assert err <= 2 * base + eps, f"max error {err:.3e} > 2 × baseline error {base:.3e} + {eps:g}"
 
 
+def layer_case(kind, fmt, opts, qbits=None, base_bits=None, dtype=torch.float32, device="cpu", d=37, r=45, h=70,
+               qgroup=16):
+    """A random layer: ``(factor, base, bias)`` with the factor ``(r, h)`` for expand,
+    ``(h, r)`` for contract (``ell`` lists along the rank axis), quantised to
+    ``qbits`` and an int8 base (a quantised dense factor) when asked."""
+    from fips_kernels.formats import SparseFactor
+
+    K, N = (r, h) if kind == "expand" else (h, r)
+    if fmt == "ell":
+        opts = dict(opts, axis=0 if kind == "expand" else 1)
+    factor, _ = make_factor(K, N, fmt, opts, dtype=dtype, device=device, density=0.35)
+    if qbits:
+        factor = factor.quantize(qbits, qgroup=qgroup)
+    U = (torch.randn(d, r, device=device) / r ** 0.5).to(dtype)
+    base = SparseFactor.pack(U, "dense", qbits=8, qgroup=d) if base_bits else U
+    bias = torch.randn(h if kind == "expand" else d, device=device).to(dtype)
+    return factor, base, bias
+
+
+def check_layer(out, x, base, factor, kind, bias, activation="none"):
+    """The one oracle for layer outputs: against fp64 truth computed from the same
+    (dequantised) factor and base, no worse than twice plain PyTorch's own
+    two-GEMM error in the same dtype, plus ``1e-5`` (fp32) / ``1e-3`` (16-bit)
+    of the output's scale."""
+    from fips_kernels import reference
+
+    Ud, V = reference.base_matrix(base), reference.factor_matrix(factor, kind)
+    truth = reference.fips_linear(x.double(), Ud.double(), V.double(), kind,
+                                  None if bias is None else bias.double())
+    truth = reference.activate(truth, activation)
+    baseline = (x @ Ud) @ V if kind == "expand" else (x @ V.t()) @ Ud.t()
+    if bias is not None:
+        baseline = baseline + bias
+    baseline = reference.activate(baseline.float(), activation).to(x.dtype)
+    assert out.dtype == x.dtype and out.shape == truth.shape, (out.dtype, out.shape, truth.shape)
+    eps = 1e-5 if x.dtype in (torch.float32, torch.float64) else 1e-3
+    assert_close_to_truth(out, truth, baseline, eps=eps * max(truth.abs().max().item(), 1e-30))
+
+
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 

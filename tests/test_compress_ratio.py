@@ -8,7 +8,7 @@ from fips_kernels.compress import schedule
 from fips_kernels.compress.factors import pack_group
 from fips_kernels.compress.ratio import Form, RatioError, group_bytes, plan_ratio
 from fips_kernels.compress.schedule import nm_keep
-from fips_kernels.modules import resolve_sparsity, stored_values
+from fips_kernels.budget import resolve_sparsity, stored_values
 
 from compress_models import plain_vit, tokens
 

@@ -1,18 +1,15 @@
-"""The ``cuda`` backend (``fips_kernels.cuda``, ``dispatch.CudaBackend``).
+"""What is specific to the ``cuda`` backend (``fips_kernels.cuda``).
 
-CPU: the reasons it gives and dispatch's fallback; the strategies' Python
-glue run on the CPU implementation of ``fips_kernels_cuda::sparse_mm`` (it
-emulates the CUDA kernel warp by warp with the same decode and fragment code,
-and its bf16 arithmetic is exact, unlike the Triton interpreter's); the
+CPU: the reasons it gives and dispatch's fallback; the strategy choice; the
 ``sparse_mm`` wrapper's checks; the 2:4 path's packing cache with torch's
 semi-structured conversion replaced by a dense copy (the real one needs CUDA).
-GPU: the layer ops through dispatch, the 2:4 strategy, torch.compile and
-CUDA graphs.
+The layer ops of every format, quantisation and strategy against the reference
+run in ``test_backend_conformance.py`` — on the CPU through the CPU
+implementation of ``fips_kernels_cuda::sparse_mm``, which runs the CUDA
+kernel's block program warp by warp. GPU: the layer ops through automatic
+dispatch, the 2:4 strategy, torch.compile and CUDA graphs.
 
-Every numeric check is ``|out − truth| ≤ 2·|plain PyTorch in the same dtype
-− truth| + 1e-3·max|truth|`` against fp64 truth from the same factor, and
-:func:`test_the_check_catches_one_wrong_value` shows it fails on one dropped
-stored value.
+Numeric checks use the suite's oracle (:func:`conftest.check_layer`).
 """
 import pytest
 import torch
@@ -22,11 +19,13 @@ from torch import nn
 import fips_kernels as fk
 from fips_kernels import _extension, dispatch, reference
 from fips_kernels.bench import providers
-from fips_kernels.cuda import pack_for_cuda, sparse24, spmm, strategies
-from fips_kernels.formats import SparseFactor
+from fips_kernels.cuda import pack_for_cuda, sparse24, spmm
+from fips_kernels.cuda.strategies import STRATEGIES
+from fips_kernels.dispatch import Problem
+from fips_kernels.formats import Layout, SparseFactor
 from fips_kernels.ops import fips_linear, gate_up
 
-from conftest import assert_close_to_truth, make_factor
+from conftest import assert_close_to_truth, check_layer as _check, make_factor
 
 HAS_OP = spmm.op_available()
 needs_op = pytest.mark.skipif(not HAS_OP, reason=f"fips_kernels_cuda::sparse_mm is not available: "
@@ -63,30 +62,22 @@ def _case(kind, fmt, opts, qbits, base_bits, dtype, device="cpu", d=D, r=R, h=H)
     return factor, base, bias
 
 
-def _check(out, x, base, factor, kind, bias, activation="none"):
-    """Against fp64 truth from the same (dequantised) factor, no worse than twice
-    plain PyTorch's two-GEMM error in this dtype."""
-    Ud, V = reference.base_matrix(base), reference.factor_matrix(factor, kind)
-    truth = reference.fips_linear(x.double(), Ud.double(), V.double(), kind,
-                                  None if bias is None else bias.double())
-    truth = reference.activate(truth, activation)
-    baseline = (x @ Ud) @ V if kind == "expand" else (x @ V.t()) @ Ud.t()
-    if bias is not None:
-        baseline = baseline + bias
-    baseline = reference.activate(baseline.float(), activation).to(x.dtype)
-    assert out.dtype == x.dtype and out.shape == truth.shape
-    assert_close_to_truth(out, truth, baseline, eps=1e-3 * truth.abs().max().item())
-
-
 def _run(kind, x, base, factor, bias, strategy, activation="none"):
     if kind == "expand":
-        return strategies.expand(x, base, factor, bias, activation, strategy=strategy)
-    return strategies.contract(x, base, factor, bias, strategy=strategy)
+        return STRATEGIES.expand(x, base, factor, bias, activation, strategy=strategy)
+    return STRATEGIES.contract(x, base, factor, bias, strategy=strategy)
 
 
-def _cuda_problem(fmt="nm", dtype=torch.float16, meta=(R, H, 1, 4), op="expand", base_quantized=False):
-    return dispatch.Problem(op, fmt, dtype, torch.device("cuda"), 16, meta[0], meta[1], D, R, tuple(meta),
-                            base_quantized=base_quantized)
+def _cuda_problem(fmt="nm", dtype=torch.float16, meta=(R, H, 1, 4), op="expand", device="cuda", M=16):
+    return Problem.for_layer(op, op, Layout.from_meta(fmt, meta), dtype, device, M, D)
+
+
+def _choose(M, factor, kind="expand", dtype=torch.float16, forced=None):
+    """(strategy name, forced?) the cuda backend picks for a call on the CPU."""
+    p = Problem.for_layer(kind, kind, factor.layout, dtype, "cpu", M, D)
+    from fips_kernels.tuning import forced_strategy
+
+    return STRATEGIES.choose(p, forced).name, bool(forced_strategy(forced))
 
 
 @pytest.fixture
@@ -98,7 +89,7 @@ def sm90(monkeypatch):
 
 
 def _cuda_reasons(p):
-    return dispatch._registry()["cuda"].not_supported_reasons(p)
+    return dispatch.backend("cuda").not_supported_reasons(p)
 
 
 # ---------------------------------------------------------------- reasons and dispatch
@@ -107,8 +98,8 @@ def test_a_supported_problem_has_no_reasons(sm90):
     for fmt, meta in (("nm", (R, H, 1, 4)), ("bitmap", (R, H, 64, 64)), ("dense", (R, H, 0, 0))):
         for dtype in DTYPES:
             assert _cuda_reasons(_cuda_problem(fmt, dtype, meta)) == []
-    # quantised factors and the int8 base run on the cuda kernels now
-    assert _cuda_reasons(_cuda_problem("nm", meta=(R, H, 1, 4, 4, 16), base_quantized=True)) == []
+    # quantised factors run on the cuda kernels
+    assert _cuda_reasons(_cuda_problem("nm", meta=(R, H, 1, 4, 4, 16))) == []
 
 
 def test_extension_missing_is_a_reason(monkeypatch):
@@ -119,8 +110,7 @@ def test_extension_missing_is_a_reason(monkeypatch):
 
 
 def test_cpu_device_is_a_reason():
-    p = dispatch.Problem("expand", "nm", torch.float16, torch.device("cpu"), 4, R, H, D, R, (R, H, 1, 4))
-    assert "input is on cpu, not a CUDA device" in _cuda_reasons(p)
+    assert "input is on cpu, not a cuda device" in _cuda_reasons(_cuda_problem(device="cpu"))
 
 
 def test_old_gpu_is_a_reason(sm90, monkeypatch):
@@ -132,18 +122,28 @@ def test_old_gpu_is_a_reason(sm90, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_float32_is_a_reason(sm90, dtype):
     assert _cuda_reasons(_cuda_problem(dtype=dtype)) == [
-        f"dtype {dtype} is not supported: the cuda kernels run fp16/bf16 tensor cores (float32 runs on triton)"]
+        f"dtype {dtype} is not supported (needs float16, bfloat16)"]
 
 
 @pytest.mark.parametrize("fmt,meta", [("csr", (R, H, 0, 0)), ("ell", (R, H, 2, 0))])
 def test_csr_and_ell_are_reasons(sm90, fmt, meta):
     assert _cuda_reasons(_cuda_problem(fmt, meta=meta)) == [
-        f"no cuda kernel for format {fmt!r} (the cuda backend runs dense, nm, bitmap)"]
+        f"no cuda kernel for the {fmt!r} format (it runs dense, nm, bitmap)"]
 
 
 def test_bitmap_tile_other_than_64x64_is_a_reason(sm90):
-    assert _cuda_reasons(_cuda_problem("bitmap", meta=(R, H, 16, 32))) == [
-        "bitmap tile (16, 32) is not supported by the cuda kernel (only 64x64)"]
+    (reason,) = _cuda_reasons(_cuda_problem("bitmap", meta=(R, H, 16, 32)))
+    assert reason.startswith("no strategy can run it") and \
+        "bitmap tile (16, 32) is not supported by the cuda kernel (only 64x64)" in reason
+
+
+def test_dense_int4_reconstructs_through_the_decoded_factor(sm90):
+    """sparse_mm has no transposed int4 operand: the contract weight of an int4 dense factor is
+    built from the decoded factor, so the backend has no reason against it (a GPU run used to raise)."""
+    meta = (H, R, 0, 0, 4, 16)
+    assert _cuda_reasons(_cuda_problem("dense", meta=meta, op="reconstruct")) == []
+    assert _cuda_reasons(_cuda_problem("dense", meta=meta, op="contract", M=1 << 20)) == []
+    assert STRATEGIES.mm.sparse_reasons(Layout.from_meta("dense", meta), transpose=True)
 
 
 def test_forced_cuda_backend_on_cpu_raises_with_reasons():
@@ -153,7 +153,7 @@ def test_forced_cuda_backend_on_cpu_raises_with_reasons():
         fips_linear(x, U, factor, "expand", bias)
     msg = str(info.value)
     assert "backend 'cuda' was forced but cannot run expand" in msg
-    assert "input is on cpu, not a CUDA device" in msg
+    assert "input is on cpu, not a cuda device" in msg
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float32], ids=str)
@@ -161,7 +161,7 @@ def test_automatic_dispatch_falls_back(monkeypatch, dtype):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # no triton either: the reference runs
     factor, U, bias = _case("contract", "bitmap", {}, None, None, dtype)
     x = torch.randn(2, 5, H).to(dtype)
-    p = dispatch.Problem("contract", "bitmap", dtype, x.device, 10, *factor.shape, D, R, tuple(factor.meta))
+    p = Problem.for_layer("contract", "contract", factor.layout, dtype, x.device, 10, D)
     assert dispatch.select(p).name == "reference"
     with fk.use_backend("reference"):
         expected = fips_linear(x, U, factor, "contract", bias)
@@ -176,13 +176,13 @@ def test_strategy_by_m_and_the_environment(monkeypatch):
     factor, U, _ = _case("expand", "nm", {"n": 2, "m": 4}, None, None, torch.float16, h=128)
     cpu = torch.device("cpu")
     big = tuning.reconstruct_min_m(cpu, "expand", factor, D, backend="cuda")
-    assert strategies.choose_strategy(big - 1, "expand", factor, D, torch.float16, cpu) == ("factored", False)
+    assert _choose(big - 1, factor) == ("factored", False)
     # on the CPU 2:4 sparse tensor cores cannot run: large M reconstructs
-    assert strategies.choose_strategy(big, "expand", factor, D, torch.float16, cpu) == ("reconstruct", False)
+    assert _choose(big, factor) == ("reconstruct", False)
     monkeypatch.setattr(sparse24, "reasons", lambda *a: [])
-    assert strategies.choose_strategy(big, "expand", factor, D, torch.float16, cpu) == ("sparse24", False)
+    assert _choose(big, factor) == ("sparse24", False)
     monkeypatch.setenv("FIPS_KERNELS_STRATEGY", "reconstruct")
-    assert strategies.choose_strategy(1, "expand", factor, D, torch.float16, cpu) == ("reconstruct", True)
+    assert _choose(1, factor) == ("reconstruct", True)
 
 
 def test_the_cuda_backend_can_have_its_own_crossovers(monkeypatch):
@@ -198,7 +198,7 @@ def test_the_cuda_backend_can_have_its_own_crossovers(monkeypatch):
     assert tuning.reconstruct_min_m(cpu, "contract", nm, D) == 512
     assert tuning.reconstruct_min_m(cpu, "expand", nm, D, backend="cuda") == 256
     assert tuning.reconstruct_min_m(cpu, "expand", bitmap, D, backend="cuda") == 64
-    assert strategies.choose_strategy(64, "expand", bitmap, D, torch.float16, cpu) == ("reconstruct", False)
+    assert _choose(64, bitmap) == ("reconstruct", False)
 
 
 def test_forcing_a_strategy_that_cannot_run_raises(monkeypatch):
@@ -206,103 +206,11 @@ def test_forcing_a_strategy_that_cannot_run_raises(monkeypatch):
     x = torch.randn(3, D).half()
     monkeypatch.setenv("FIPS_KERNELS_STRATEGY", "sparse24")
     with pytest.raises(ValueError, match="'sparse24' cannot run this expand layer") as info:
-        strategies.expand(x, U, factor, bias)
+        STRATEGIES.expand(x, U, factor, bias)
     assert "2:4 nm factor, got the 1:4 pattern" in str(info.value) and "CUDA device" in str(info.value)
     monkeypatch.setenv("FIPS_KERNELS_STRATEGY", "tile_reconstruct")
     with pytest.raises(ValueError, match="not a strategy of the cuda backend"):
-        strategies.expand(x, U, factor, bias)
-
-
-def test_triton_refuses_the_cuda_only_strategy(monkeypatch):
-    pytest.importorskip("triton")
-    from fips_kernels.triton import strategies as triton_strategies
-
-    factor, _, _ = _case("expand", "nm", {"n": 2, "m": 4}, None, None, torch.float16)
-    with pytest.raises(ValueError, match="strategy of the cuda backend"):
-        triton_strategies.choose_strategy(4, "expand", factor, D, torch.device("cpu"), "sparse24")
-
-
-# ---------------------------------------------------------------- the strategies on the CPU op
-
-@needs_op
-@pytest.mark.parametrize("strategy", ["factored", "reconstruct"])
-@pytest.mark.parametrize("fmt,opts,qbits,base_bits", CASES, ids=IDS)
-@pytest.mark.parametrize("kind", ["expand", "contract"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_layer_strategies_match_reference(strategy, fmt, opts, qbits, base_bits, kind, dtype):
-    factor, base, bias = _case(kind, fmt, opts, qbits, base_bits, dtype)
-    in_f = D if kind == "expand" else H
-    for i, M in enumerate(MS):
-        x = torch.randn(M, in_f).to(dtype)
-        b = bias if i % 2 == 0 else None
-        _check(_run(kind, x, base, factor, b, strategy), x, base, factor, kind, b)
-
-
-@needs_op
-@pytest.mark.parametrize("strategy", ["factored", "reconstruct"])
-@pytest.mark.parametrize("activation", ["gelu", "silu"])
-@pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[8]], ids=[IDS[1], IDS[5], IDS[8]])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_activation_epilogue(strategy, activation, case, dtype):
-    factor, base, bias = _case("expand", *case, dtype)
-    for M in (1, 16, 33):
-        x = torch.randn(M, D).to(dtype)
-        out = strategies.expand(x, base, factor, bias, activation, strategy=strategy)
-        _check(out, x, base, factor, "expand", bias, activation)
-
-
-@needs_op
-@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5], CASES[8]], ids=[IDS[0], IDS[2], IDS[5], IDS[8]])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_gate_up_matches_reference(case, dtype, with_bias):
-    gate, base, bg = _case("expand", *case, dtype)
-    up, _, bu = _case("expand", *case, dtype)
-    if not with_bias:
-        bg = bu = None
-    Ud = reference.base_matrix(base)
-    Bg, Bu = gate.to_dense(), up.to_dense()
-    for M in MS:
-        x = torch.randn(M, D).to(dtype)
-        out = strategies.gate_up(x, base, gate, up, bg, bu)
-        xd, Udd = x.double(), Ud.double()
-        truth = F.silu(reference.expand(xd, Udd, Bg.double(), None if bg is None else bg.double())) * \
-            reference.expand(xd, Udd, Bu.double(), None if bu is None else bu.double())
-        z = x @ Ud
-        g_lo, u_lo = z @ Bg, z @ Bu
-        if bg is not None:
-            g_lo, u_lo = g_lo + bg, u_lo + bu
-        baseline = (F.silu(g_lo.float()) * u_lo.float()).to(dtype)
-        assert out.dtype == dtype and out.shape == truth.shape
-        assert_close_to_truth(out, truth, baseline, eps=1e-3 * truth.abs().max().item())
-
-
-@needs_op
-@pytest.mark.parametrize("fmt,opts,qbits,base_bits", CASES, ids=IDS)
-@pytest.mark.parametrize("kind", ["expand", "contract"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_reconstruct_matches_reference(fmt, opts, qbits, base_bits, kind, dtype):
-    factor, base, _ = _case(kind, fmt, opts, qbits, base_bits, dtype)
-    W = strategies.reconstruct(base, factor, kind)
-    Ud, V = reference.base_matrix(base), reference.factor_matrix(factor, kind)
-    truth = reference.linear_weight(Ud.double(), V.double(), kind)
-    baseline = (Ud @ V).t() if kind == "expand" else Ud @ V  # plain PyTorch in the dtype
-    assert W.shape == truth.shape and W.dtype == dtype and W.is_contiguous()
-    assert_close_to_truth(W, truth, baseline, eps=1e-3 * truth.abs().max().item())
-
-
-@needs_op
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind", ["expand", "contract"])
-def test_the_check_catches_one_wrong_value(dtype, kind):
-    factor, base, bias = _case(kind, "nm", {"n": 1, "m": 4}, None, None, dtype)
-    values = factor.values.clone()
-    values.view(-1)[values.abs().argmax()] = 0  # drop the largest stored value
-    wrong = SparseFactor.from_parts("nm", factor.meta, values, factor.aux_tensors, validate=False)
-    x = torch.randn(7, D if kind == "expand" else H).to(dtype)
-    _check(_run(kind, x, base, factor, bias, "factored"), x, base, factor, kind, bias)
-    with pytest.raises(AssertionError, match="max error"):
-        _check(_run(kind, x, base, wrong, bias, "factored"), x, base, factor, kind, bias)
+        STRATEGIES.expand(x, U, factor, bias)
 
 
 # ---------------------------------------------------------------- the sparse_mm wrapper
@@ -423,8 +331,8 @@ def test_sparse24_glue_pads_and_caches(dense_conversion, base_bits, kind, dtype)
     factor, base, bias = _case(kind, "nm", {"n": 2, "m": 4}, None, base_bits, dtype, h=h)
     x = torch.randn(33, D if kind == "expand" else h).to(dtype)
     activation = "gelu" if kind == "expand" else "none"
-    run = (lambda: strategies.expand(x, base, factor, bias, activation, strategy="sparse24")) \
-        if kind == "expand" else (lambda: strategies.contract(x, base, factor, bias, strategy="sparse24"))
+    run = (lambda: STRATEGIES.expand(x, base, factor, bias, activation, strategy="sparse24")) \
+        if kind == "expand" else (lambda: STRATEGIES.contract(x, base, factor, bias, strategy="sparse24"))
     _check(run(), x, base, factor, kind, bias, activation)
     r_pad = 64  # R = 45 padded
     assert dense_conversion == [(h, r_pad) if kind == "expand" else (r_pad, h)]
@@ -447,7 +355,9 @@ def test_pack_for_cuda_packs_only_what_the_cuda_backend_would_run(dense_conversi
     other = fk.factorize_group([nn.Linear(64, 128), nn.Linear(128, 64)], pattern="1:4").half()
     model = nn.Sequential(group, other)
     assert sparse24.pack_for_cuda(model) == 0  # on the CPU the cuda backend cannot run
-    monkeypatch.setattr(dispatch._registry()["cuda"], "_reasons", lambda p: [])
+    cuda = type(dispatch.backend("cuda"))
+    monkeypatch.setattr(cuda, "availability_reasons", lambda self: [])
+    monkeypatch.setattr(cuda, "device_reasons", lambda self, device: [])
     r_pad = -(-group.base.rank // 64) * 64
     added = sparse24.pack_for_cuda(model)
     expected = 2 * 128 * r_pad * 2 + (64 * r_pad * 2 if r_pad != group.base.rank else 0)
@@ -455,7 +365,7 @@ def test_pack_for_cuda_packs_only_what_the_cuda_backend_would_run(dense_conversi
     assert len(dense_conversion) == 2  # the 2:4 group's layers only
     assert sparse24.pack_for_cuda(model) == 0  # already packed
     x = torch.randn(4, 64).half()
-    y = strategies.expand(x, group.base.operand, group[0].factor, group[0].bias.detach(), strategy="sparse24")
+    y = STRATEGIES.expand(x, group.base.operand, group[0].factor, group[0].bias.detach(), strategy="sparse24")
     _check(y, x, group.base.operand, group[0].factor, "expand", group[0].bias.detach())
     assert len(dense_conversion) == 2
 
@@ -524,8 +434,7 @@ def test_gpu_layer_ops_run_on_cuda_and_match(case, kind, dtype):
         pytest.fail(f"sparse_mm unavailable on a GPU machine: {spmm.unavailable_reason()}")
     dev = torch.device("cuda")
     factor, base, bias = _case(kind, *case, dtype, device=dev, d=96, r=130, h=256)
-    p = dispatch.Problem(kind, factor.format, dtype, dev, 1, *factor.shape, 96, 130, tuple(factor.meta),
-                         base_quantized=isinstance(base, SparseFactor))
+    p = Problem.for_layer(kind, kind, factor.layout, dtype, dev, 1, 96)
     assert dispatch.select(p).name == "cuda", dispatch.explain(p)
     in_f = 96 if kind == "expand" else 256
     for i, M in enumerate((1, 2, 7, 16, 33, 128, 4096)):

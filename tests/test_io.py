@@ -45,12 +45,13 @@ def test_model_round_trip_into_a_fresh_dense_model(tmp_path):
     fk.save(model, path)
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
-    assert sorted(k for k in keys if k.endswith(".U")) == ["fips_bases.0.U", "fips_bases.1.U"]
+    assert sorted(k for k in keys if k.endswith(".U")) == ["blocks.0.mlp.fc1.shared_base.U",
+                                                           "blocks.2.mlp.fc1.shared_base.U"]
 
     fresh = TinyViT()  # the dense architecture, as built from its config
     loaded = fk.load(path, fresh)
     assert isinstance(loaded.blocks[1].mlp.fc2, fk.FiPSLinear)
-    assert loaded.blocks[0].mlp.fc1.base is loaded.fips_bases["0"]
+    assert loaded.blocks[1].mlp.fc2.base is loaded.blocks[0].mlp.fc1.shared_base
     _tensors_equal(model.state_dict(), loaded.state_dict())
     x = torch.randn(2, 4, 32)
     assert torch.equal(loaded(x), model(x))
@@ -81,7 +82,7 @@ def test_tied_weights_are_stored_once_and_retied(tmp_path):
 def test_a_layer_whose_base_is_not_saved_is_refused(tmp_path):
     g = fk.factorize_group(_mlp_group())
     with pytest.raises(fk.CheckpointError, match="shared base of layer .* is not registered"):
-        fk.save(g[0], tmp_path / "x.safetensors")
+        fk.save(g[1], tmp_path / "x.safetensors")  # the base lives on layer 0
 
 
 # ---------------------------------------------------------------- damaged files
@@ -138,9 +139,13 @@ def test_altered_header_is_refused(saved_group):
 
 
 def test_header_that_lies_about_a_factor_is_refused(saved_group):
+    """Even with the header's own checksum recomputed, a factor the tensors contradict is refused."""
+    from fips_kernels.io import header_digest
+
     def change_meta(h):
         meta = json.loads(h["__metadata__"]["fips_kernels"])
         meta["layers"]["layers.0"]["meta"][2] = 32  # bitmap tile 64 -> 32 rows
+        meta["header_sha256"] = header_digest(meta)
         h["__metadata__"]["fips_kernels"] = json.dumps(meta)
 
     _rewrite_header(saved_group, change_meta)
@@ -202,3 +207,76 @@ def test_sequential_models_keep_working_and_round_trip(tmp_path):
     loaded = fk.load(tmp_path / "seq.safetensors", fresh)
     assert loaded[5].base is loaded[0].shared_base
     assert torch.equal(loaded(x), y)
+
+
+# ---------------------------------------------------------------- versions and the header checksum
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+
+
+def test_version_1_checkpoints_still_load_and_move_their_bases():
+    """Files written by fips_kernels 0.1 (format version 1: bases under ``fips_bases.<i>`` or a
+    group's ``base``) load bit-exactly, with each base moved to its group's first layer."""
+    from safetensors.torch import load_file
+
+    expected = load_file(str(DATA / "v1_expected.safetensors"))
+    raw = load_file(str(DATA / "v1_tinyvit_1to4.safetensors"))
+    assert "fips_bases.0.U" in raw  # it really is a version-1 file
+    model = fk.load(DATA / "v1_tinyvit_1to4.safetensors", TinyViT(d=32, h=96, depth=4))
+    assert torch.equal(model.blocks[0].mlp.fc1.shared_base.U, raw["fips_bases.0.U"])
+    assert torch.equal(model.blocks[2].mlp.fc1.shared_base.U, raw["fips_bases.1.U"])
+    assert model.blocks[3].mlp.fc2.base is model.blocks[2].mlp.fc1.shared_base
+    for key, t in raw.items():
+        if not key.startswith("fips_bases."):
+            assert torch.equal(model.state_dict()[key], t), key
+    torch.testing.assert_close(model(expected["x"]), expected["y"], rtol=1e-5, atol=1e-5)
+
+    group = fk.load(DATA / "v1_group_int8.safetensors")
+    assert group.base.quantized and "layers.0.shared_base.U" in group.state_dict()
+    torch.testing.assert_close(group[1](group[0](expected["xg"])), expected["yg"], rtol=1e-5, atol=1e-5)
+
+
+def _edits(header):
+    """An edit of each field's meaning: (label, function editing the parsed header)."""
+    edits = [("format_version", lambda h: h.update(format_version=1)),
+             ("container", lambda h: h.update(container="model"))]
+    flips = {"kind": lambda v: "contract" if v == "expand" else "expand",
+             "format": lambda v: "nm" if v == "dense" else "dense", "bias": lambda v: not v,
+             "in_features": lambda v: v + 1, "out_features": lambda v: v + 1, "quantized": lambda v: not v,
+             "activation": lambda v: "silu" if v == "gelu" else "gelu", "cast_input": lambda v: not v,
+             "dtype": lambda v: "float16" if v != "float16" else "float32"}
+    for name, rec in header["layers"].items():
+        for field, flip in flips.items():
+            new = flip(rec.get(field))
+            edits.append((f"{name}.{field}", lambda h, n=name, f=field, v=new: h["layers"][n].update({f: v})))
+        edits.append((f"{name}.meta", lambda h, n=name: h["layers"][n]["meta"].__setitem__(2, 32)))
+    for base in header["bases"]:
+        edits.append((f"{base}.rank", lambda h, b=base: h["bases"][b].update(rank=1)))
+    edits.append(("aliases", lambda h: h["aliases"].update({"x": "y"})))
+    edits.append(("sha256", lambda h: h["sha256"].update({next(iter(h["sha256"])): "0" * 64})))
+    return edits
+
+
+def test_every_header_edit_is_refused(tmp_path):
+    """The header's meaning is covered by a checksum: editing any field (a square layer's
+    kind included, which the tensors alone cannot contradict) is refused."""
+    g = fk.factorize_group([nn.Linear(24, 24), nn.Linear(24, 24)], kinds=["expand", "contract"], pattern="1:4")
+    path = tmp_path / "square.safetensors"
+    fk.save(g, path)
+    data = path.read_bytes()
+    header = json.loads(json.loads(data[8:8 + _header_len(data)])["__metadata__"]["fips_kernels"])
+    edits = _edits(header)
+    assert len(edits) > 20
+    for label, edit in edits:
+        path.write_bytes(data)
+
+        def apply(h, edit=edit):
+            meta = json.loads(h["__metadata__"]["fips_kernels"])
+            edit(meta)
+            h["__metadata__"]["fips_kernels"] = json.dumps(meta)
+
+        _rewrite_header(path, apply)
+        with pytest.raises(fk.CheckpointError, match="header fails its SHA-256 check"):
+            fk.load(path)
+    path.write_bytes(data)
+    assert torch.equal(fk.load(path)[0].V_values, g[0].V_values)

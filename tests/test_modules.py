@@ -199,7 +199,7 @@ def test_extra_repr_and_attributes():
 def test_base_is_stored_once():
     g = fk.factorize_group(_mlp_group(d=24, h=40, blocks=2))
     keys = list(g.state_dict())
-    assert [k for k in keys if k.endswith(".U")] == ["base.U"]
+    assert [k for k in keys if k.endswith(".U")] == ["layers.0.shared_base.U"]  # on the first layer
     params = list(g.parameters())
     assert sum(p is g.base.U for p in params) == 1
     assert all(layer.base is g.base for layer in g)
@@ -211,9 +211,10 @@ def test_install_into_a_model_stores_each_base_once_and_keeps_outputs():
     x = torch.randn(2, 5, 32)
     compress_tiny_vit(model, group_size=2, budget=0.9, pattern="dense")
     keys = [k for k in model.state_dict() if k.endswith(".U")]
-    assert keys == ["fips_bases.0.U", "fips_bases.1.U"]
+    assert keys == ["blocks.0.mlp.fc1.shared_base.U", "blocks.2.mlp.fc1.shared_base.U"]
     assert isinstance(model.blocks[3].mlp.fc2, fk.FiPSLinear)
-    assert model.blocks[2].mlp.fc1.base is model.fips_bases["1"]
+    assert model.blocks[3].mlp.fc2.base is model.blocks[2].mlp.fc1.shared_base
+    assert not hasattr(model, "fips_bases")
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params == sum(t.numel() for k, t in model.state_dict().items() if t.is_floating_point())
     assert model(x).shape == (2, 5, 5)
@@ -232,8 +233,8 @@ def test_deepcopy_keeps_the_sharing():
     model = TinyViT()
     compress_tiny_vit(model, pattern="2:4")
     clone = copy.deepcopy(model)
-    assert clone.blocks[0].mlp.fc1.base is clone.fips_bases["0"]
-    assert clone.blocks[0].mlp.fc1.base is not model.fips_bases["0"]
+    assert clone.blocks[1].mlp.fc2.base is clone.blocks[0].mlp.fc1.shared_base
+    assert clone.blocks[1].mlp.fc2.base is not model.blocks[0].mlp.fc1.shared_base
     x = torch.randn(2, 32)
     torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
 

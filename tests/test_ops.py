@@ -144,8 +144,14 @@ def test_cuda_graph_replay_matches_eager():
 
 # ---------------------------------------------------------------- dispatch
 
-def _cpu_problem(op="expand", fmt="nm"):
-    return dispatch.Problem(op, fmt, torch.float32, torch.device("cpu"), 4, 12, 40, 10, 12)
+def _layout(fmt, K=12, N=40):
+    from fips_kernels.formats import Layout
+
+    return Layout.from_meta(fmt, [K, N, 1, 4] if fmt == "nm" else [K, N, 0, 0])
+
+
+def _cpu_problem(op="expand", fmt="nm", dtype=torch.float32, device="cpu", M=4):
+    return dispatch.Problem.for_layer(op, "expand" if op == "gate_up" else op, _layout(fmt), dtype, device, M, 10)
 
 
 def test_cpu_runs_the_reference_backend_and_explains_why(monkeypatch):
@@ -154,7 +160,7 @@ def test_cpu_runs_the_reference_backend_and_explains_why(monkeypatch):
     assert dispatch.select(p).name == "reference"
     reasons = dispatch.not_supported_reasons(p)
     assert list(reasons) == ["cuda", "triton", "reference"]
-    assert any("not a CUDA device" in r for r in reasons["cuda"])
+    assert any("not a cuda device" in r for r in reasons["cuda"])
     assert reasons["reference"] == []
     text = dispatch.explain(p)
     assert "reference  runs" in text and "cuda       cannot run" in text
@@ -167,7 +173,7 @@ def test_forced_backend_that_cannot_run_raises_with_its_reasons(monkeypatch):
         fips_linear(x, U, factor, "expand", b)
     msg = str(info.value)
     assert "backend 'cuda' was forced but cannot run expand" in msg
-    assert "not a CUDA device" in msg and "\n  - " in msg
+    assert "not a cuda device" in msg and "\n  - " in msg
     monkeypatch.setenv("FIPS_KERNELS_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(fk.BackendUnavailable, match="TRITON_INTERPRET=1 is not set"):
@@ -191,32 +197,49 @@ def test_use_backend_context_wins_over_the_environment(monkeypatch):
 
 
 def test_first_backend_without_reasons_runs(monkeypatch):
-    """The mechanism is real: a kernel registered in a higher-priority backend takes over."""
+    """The mechanism is real: a higher-priority backend that can run a problem takes it."""
     calls = []
 
-    def fake_triton_expand(x2, U, factor, bias, activation):
-        calls.append(x2.shape)
-        return reference.expand(x2, U, factor, bias, activation)
+    class Fake(dispatch.Backend):
+        name = "triton"  # stands in for the registered triton backend
+        ops = dispatch.FIPS_OPS
+        device_types = ("cpu",)
+        dtypes = (torch.float32,)
+        formats = ("nm",)
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    triton_backend = dispatch._registry()["triton"]
-    monkeypatch.setitem(triton_backend.kernels, ("expand", "nm"), fake_triton_expand)
+        def kernel(self, op):
+            def run(x2, U, factor, bias, activation="none"):
+                calls.append(x2.shape)
+                return reference.expand(x2, U, factor, bias, activation)
+            return run
+
+    monkeypatch.setitem(dispatch._REGISTRY, "triton", Fake())
     x, U, factor, _, b = _problem_tensors("expand", "nm", {"n": 1, "m": 4}, M=(2, 3))
-    p = dispatch.Problem("expand", "nm", x.dtype, x.device, 6, *factor.shape, *U.shape)
-    if triton_backend.not_supported_reasons(p):
-        pytest.skip(f"triton unavailable: {triton_backend.not_supported_reasons(p)}")
-    assert dispatch.select(p).name == "triton"
+    assert dispatch.select(_cpu_problem(M=6)).name == "triton"
     fips_linear(x, U, factor, "expand", b)
     assert calls == [torch.Size([6, 10])]
-    # formats without a triton kernel still fall through to the reference
+    # what it does not declare falls through to the reference, with its reasons
     assert dispatch.select(_cpu_problem(fmt="csr")).name == "reference"
+    assert dispatch.not_supported_reasons(_cpu_problem(fmt="csr"))["triton"] == [
+        "no triton kernel for the 'csr' format (it runs nm)"]
+
+
+def test_the_runner_serves_the_hashed_ops_too():
+    from fips_kernels.hashed import make_spec
+    from fips_kernels.hashed.ops import HashedProblem
+
+    spec = make_spec("stable", 8, 12, 40)
+    p = HashedProblem("hashed_linear", spec, torch.float64, torch.device("cpu"), 3)
+    reasons = dispatch.not_supported_reasons(p)
+    assert reasons["reference"] == [] and any("float64" in r for r in reasons["triton"])
+    assert "cuda" in reasons and any("no cuda kernel for op 'hashed_linear'" in r for r in reasons["cuda"])
 
 
 def test_cuda_backend_reports_the_extension_state():
     from fips_kernels import _extension
     from fips_kernels.cuda import op_available
 
-    p = dispatch.Problem("reconstruct", "nm", torch.float16, torch.device("cuda"), 0, 12, 40, 10, 12)
+    p = _cpu_problem("reconstruct", dtype=torch.float16, device="cuda", M=0)
     reasons = dispatch.not_supported_reasons(p)["cuda"]
     if op_available():
         assert not any("extension" in r for r in reasons)
@@ -224,8 +247,8 @@ def test_cuda_backend_reports_the_extension_state():
         assert any("no sparse_mm op" in r for r in reasons)
     else:
         assert any("extension is not available" in r for r in reasons)
-    p = dispatch.Problem("expand", "csr", torch.float16, torch.device("cuda"), 1, 12, 40, 10, 12)
-    assert any("no cuda kernel for format 'csr'" in r for r in dispatch.not_supported_reasons(p)["cuda"])
+    p = _cpu_problem("expand", "csr", dtype=torch.float16, device="cuda", M=1)
+    assert any("no cuda kernel for the 'csr' format" in r for r in dispatch.not_supported_reasons(p)["cuda"])
 
 
 @pytest.mark.gpu
@@ -236,7 +259,7 @@ def test_gpu_reconstruct_nm_dispatches_to_cuda_and_matches(kind, dtype):
 
     x, U, factor, B, b = _problem_tensors(kind, "nm", {"n": 1, "m": 4}, d=77, r=130, h=301,
                                           dtype=dtype, device="cuda")
-    p = dispatch.Problem("reconstruct", "nm", dtype, U.device, 0, *factor.shape, *U.shape)
+    p = dispatch.Problem.for_layer("reconstruct", kind, factor.layout, dtype, U.device, 0, U.shape[0])
     if _extension.available() and dtype != torch.float32:  # fp32 runs on triton (no fp32 tensor-core kernel)
         assert dispatch.select(p).name == "cuda"
     V = B if kind == "expand" else B.t()

@@ -1,23 +1,21 @@
-"""Quantised sparse factors: formats, kernels (reference and Triton) and the
-projected-gradient-descent factorisation with its special cases."""
-import os
-
+"""Quantised sparse factors: the format rules, the ops' checks, and the
+projected-gradient-descent factorisation with its special cases. (Every
+backend's kernels on int8/int4 factors and the int8 base are in
+``test_backend_conformance.py``.)"""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fips_kernels as fk
-from fips_kernels import reference
 from fips_kernels.formats import FormatError, SparseFactor, decode_q, qmax
-from fips_kernels.ops import fips_linear, gate_up, reconstruct
+from fips_kernels.ops import fips_linear
 from fips_kernels.pgd import pgd_factorize, quantize_dequantize
 
-from conftest import HAS_CUDA, assert_close_to_truth, make_factor
+from conftest import layer_case, make_factor
 
 QUANT_CASES = [("dense", {}), ("nm", {"n": 1, "m": 4}), ("nm", {"n": 2, "m": 4}), ("bitmap", {"tile": (16, 32)})]
 QUANT_IDS = ["dense", "nm1:4", "nm2:4", "bitmap16x32"]
-TRITON = HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ---------------------------------------------------------------- formats
@@ -76,67 +74,8 @@ def test_quantised_validation_rules():
 
 # ---------------------------------------------------------------- layers and kernels
 
-def _case(kind, fmt, opts, bits, device, dtype=torch.float32, d=37, r=45, h=70, base_bits=None):
-    K, N = (r, h) if kind == "expand" else (h, r)
-    f, _ = make_factor(K, N, fmt, opts, dtype=dtype, device=device, density=0.35)
-    q = f.quantize(bits, qgroup=16)
-    U = (torch.randn(d, r, device=device) / r ** 0.5).to(dtype)
-    base = SparseFactor.pack(U, "dense", qbits=8, qgroup=d) if base_bits else U
-    bias = torch.randn(h if kind == "expand" else d, device=device).to(dtype)
-    return q, base, bias
-
-
-def _truth(x, base, q, kind, bias):
-    Ud = reference.base_matrix(base).double()
-    V = reference.factor_matrix(q, kind).double()
-    return reference.fips_linear(x.double(), Ud, V, kind, bias.double())
-
-
-@pytest.mark.parametrize("kind", ["expand", "contract"])
-@pytest.mark.parametrize("fmt,opts", QUANT_CASES, ids=QUANT_IDS)
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("base_bits", [None, 8], ids=["fp-base", "int8-base"])
-def test_reference_dequantises_explicitly(kind, fmt, opts, bits, base_bits):
-    with fk.use_backend("reference"):
-        q, base, bias = _case(kind, fmt, opts, bits, "cpu", base_bits=base_bits)
-        x = torch.randn(2, 5, 37 if kind == "expand" else 70)
-        torch.testing.assert_close(fips_linear(x, base, q, kind, bias).double(), _truth(x, base, q, kind, bias),
-                                   rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.skipif(not TRITON, reason="Triton needs a GPU or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("strategy", ["factored", "reconstruct"])
-@pytest.mark.parametrize("kind", ["expand", "contract"])
-@pytest.mark.parametrize("fmt,opts", QUANT_CASES, ids=QUANT_IDS)
-@pytest.mark.parametrize("bits", [8, 4])
-def test_triton_dequantises_in_registers(monkeypatch, strategy, kind, fmt, opts, bits):
-    monkeypatch.setenv("FIPS_KERNELS_STRATEGY", strategy)
-    dev = torch.device("cuda" if HAS_CUDA else "cpu")
-    for dtype in ([torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])):
-        q, base, bias = _case(kind, fmt, opts, bits, dev, dtype=dtype, base_bits=8 if bits == 4 else None)
-        p = fk.dispatch.Problem(kind, fmt, dtype, dev, 1, *q.shape, 37, 45, tuple(q.meta), "", bits == 4)
-        assert fk.dispatch.select(p).name == "triton"
-        for M in (1, 17, 130):
-            x = torch.randn(M, 37 if kind == "expand" else 70, device=dev).to(dtype)
-            out = fips_linear(x, base, q, kind, bias)
-            truth = _truth(x, base, q, kind, bias)
-            Ud = reference.base_matrix(base).to(dtype)
-            V = reference.factor_matrix(q, kind).to(dtype)
-            baseline = ((x @ Ud) @ V if kind == "expand" else (x @ V.t()) @ Ud.t()) + bias
-            eps = (1e-5 if dtype == torch.float32 else 1e-3) * truth.abs().max().item()
-            assert_close_to_truth(out, truth, baseline, eps=eps)
-
-
-@pytest.mark.skipif(not TRITON, reason="Triton needs a GPU or TRITON_INTERPRET=1")
-def test_triton_gate_up_with_int4_factors_and_int8_base():
-    dev = torch.device("cuda" if HAS_CUDA else "cpu")
-    g, base, bg = _case("expand", "nm", {"n": 2, "m": 4}, 4, dev, base_bits=8)
-    u, _, bu = _case("expand", "nm", {"n": 2, "m": 4}, 4, dev)
-    x = torch.randn(3, 37, device=dev)
-    out = gate_up(x, base, g, u, bg, bu)
-    with fk.use_backend("reference"):
-        ref = gate_up(x, base, g, u, bg, bu)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+def _case(kind, fmt, opts, bits, device, dtype=torch.float32, base_bits=None):
+    return layer_case(kind, fmt, opts, bits, base_bits, dtype=dtype, device=device)
 
 
 @pytest.mark.parametrize("kind", ["expand", "contract"])

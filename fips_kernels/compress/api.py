@@ -4,7 +4,7 @@
    groups of ``group_size`` consecutive blocks within a stage;
 2. record every unit's inputs and outputs on the calibration data, and the
    model's final outputs on the held-back batches (:mod:`.calibration`);
-3. per group: rank from the budget (:func:`~fips_kernels.modules.group_rank`),
+3. per group: rank from the budget (:func:`~fips_kernels.budget.group_rank`),
    SVD init, block-wise training with gradual magnitude pruning or RigL
    (:mod:`.train`, :mod:`.schedule`); finished groups go to the state
    directory at once (:mod:`.state`); under ``torchrun`` each rank trains its
@@ -23,11 +23,11 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..formats import FormatError
-from ..modules import group_rank, install, resolve_sparsity
+from ..budget import group_rank, resolve_sparsity
+from ..formats import PATTERN_FORMATS, QUANT_FORMATS, FormatError
+from ..modules import install
 from . import calibration, distributed, finetune
-from ..formats import QUANT_FORMATS
-from .factors import default_format, pack_group
+from .factors import pack_group
 from .ratio import plan_ratio
 from .presets import GroupSpec, Preset, find_units, make_groups, resolve_preset
 from .report import CompressionReport, GroupReport, output_agreement
@@ -36,7 +36,7 @@ from .train import GroupResult, TrainConfig, train_group
 
 __all__ = ["compress"]
 
-PATTERN_FORMATS = {"unstructured": ("bitmap", "csr"), "nm": ("nm",), "dense": ("dense",)}
+COMPRESS_PATTERNS = ("unstructured", "nm", "dense")  # the training schedules handle these kinds
 FACTOR_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
                  "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -80,10 +80,10 @@ def _check_args(budget, steps, pattern, sparsity, format, pruning, mask_scope, n
         raise
     except ValueError as exc:
         raise ValueError(f"compress: {exc}") from None
-    if pat[0] not in PATTERN_FORMATS:
+    if pat.kind not in COMPRESS_PATTERNS:
         raise ValueError(f"compress: pattern {pattern!r} is not supported here; use 'unstructured', an N:M pattern "
                          f"such as '1:4' or '2:4', or 'dense'")
-    fmt = format or default_format(pat[0])
+    fmt = format or pat.default_format
     if fmt not in PATTERN_FORMATS[pat[0]]:
         raise ValueError(f"compress: format {fmt!r} does not fit pattern {pattern!r} "
                          f"(use {' or '.join(PATTERN_FORMATS[pat[0]])})")

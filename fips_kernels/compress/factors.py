@@ -1,10 +1,9 @@
 """Dense training factors in and FiPS layers out.
 
-* :func:`svd_factors` — the SVD initialisation of a group as dense tensors. It
-  reuses :func:`fips_kernels.factorize_group` (stacking in ``d × h``
-  orientation, SVD, overcomplete growth when ``r > d``) with the ``dense``
-  pattern at the given rank, so ``V`` comes back before any masking; training
-  applies its own masks (:mod:`.schedule`).
+* :func:`svd_factors` — the SVD initialisation of a group as dense tensors
+  (:func:`fips_kernels.factorize.svd_init`: stacking in ``d × h``
+  orientation, SVD, overcomplete growth when ``r > d``), before any masking;
+  training applies its own masks (:mod:`.schedule`).
 * :func:`pack_group` — the trained ``U``, masked ``V_i`` and biases packed with
   :meth:`SparseFactor.pack` into a :class:`FiPSGroup` of :class:`FiPSLinear`,
   optionally stored in a 16-bit float dtype (``factor_dtype``).
@@ -16,8 +15,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..formats import SparseFactor
-from ..modules import FiPSGroup, FiPSLinear, SharedBase, factorize_group
+from ..factorize import d_by_h, svd_init
+from ..formats import SparseFactor, default_format, parse_pattern
+from ..modules import FiPSGroup, FiPSLinear, SharedBase
 
 __all__ = ["svd_factors", "pack_group", "default_format"]
 
@@ -27,15 +27,10 @@ def svd_factors(linears: Sequence[nn.Module], kinds: Sequence[str], rank: int,
     """``(U (d × r), [V_i (r × h_i)])`` in fp32: the paper's SVD init of the
     group at rank ``r``, unmasked (``U·V_i`` is layer ``i``'s weight in ``d × h``
     orientation, up to the truncation)."""
-    group = factorize_group(list(linears), pattern="dense", rank=rank, kinds=list(kinds), dtype=torch.float32,
-                            svd_device=svd_device)
-    U = group.base.U.detach().clone()
-    Vs = [layer.V.detach().clone() for layer in group]
-    return U, Vs
-
-
-def default_format(ptype: str) -> str:
-    return {"unstructured": "bitmap", "nm": "nm", "dense": "dense"}[ptype]
+    mats = d_by_h([lin.weight.detach() for lin in linears], kinds)
+    _, U, V = svd_init(mats, rank, svd_device)
+    device = mats[0].device
+    return U.to(device).contiguous(), [v.to(device).contiguous() for v in V.split([m.shape[1] for m in mats], dim=1)]
 
 
 def pack_group(U: torch.Tensor, Vs: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
@@ -54,7 +49,7 @@ def pack_group(U: torch.Tensor, Vs: Sequence[torch.Tensor], biases: Sequence[Opt
     values and of an int8 base, the biases — is rounded to ``factor_dtype`` and
     the layers cast their input to it and their output back (``cast_input``).
     A value beyond the dtype's range raises ValueError."""
-    ptype, n, m = pattern
+    pat = parse_pattern(pattern)
     cast = factor_dtype is not None and factor_dtype != dtype
     if cast:  # pack from fp32 (the training result), round once to factor_dtype below
         dtype = torch.float32
@@ -65,7 +60,8 @@ def pack_group(U: torch.Tensor, Vs: Sequence[torch.Tensor], biases: Sequence[Opt
     for V, bias, kind in zip(Vs, biases, kinds):
         B = V.detach().to(device=device, dtype=dtype)
         B = B if kind == "expand" else B.t()
-        factor = SparseFactor.pack(B.contiguous(), fmt, n=n, m=m, tile=tile, qbits=qbits, qgroup=qgroup)
+        factor = SparseFactor.pack(B.contiguous(), fmt, qbits=qbits, qgroup=qgroup,
+                                   **pat.format_params(fmt, kind, U.shape[1], tile))
         b = None if bias is None else bias.detach().to(device=device, dtype=dtype).clone()
         layers.append(FiPSLinear(base, factor, kind, b, cast_input=cast))
     group = FiPSGroup(base, layers, info)

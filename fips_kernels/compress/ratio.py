@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..modules import resolve_sparsity, stored_values
+from ..budget import resolve_sparsity, stored_values
 
 __all__ = ["Form", "RULES", "Plan", "group_bytes", "max_rank", "plan_ratio", "RatioError"]
 

@@ -9,7 +9,7 @@ reached exactly), then fixed. A pruned entry stays pruned (its value is set to
 zero and it can never outrank a kept one). Counts are integers: the pruned
 count at step ``t`` is ``round(frac_t · pruned_final)`` with
 ``frac_t = s_t / s_f``, and ``pruned_final`` is what the budget counts
-(:func:`~fips_kernels.modules.stored_values`), so the final masks hold
+(:func:`~fips_kernels.budget.stored_values`), so the final masks hold
 exactly the number of values the rank was chosen for.
 
 * ``scope="global"``: one magnitude threshold over all factors of the group;
@@ -39,7 +39,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["cubic_fraction", "accelerated_fraction", "prune_end_step", "update_steps", "final_keep_counts", "magnitude_masks",
+from ..budget import stored_values
+from ..formats import parse_pattern
+from ..masks import magnitude_masks as magnitude_masks_at
+from ..masks import nm_keep, top_k as _top
+
+__all__ = ["cubic_fraction", "accelerated_fraction", "prune_end_step", "update_steps", "final_keep_counts",
+           "magnitude_masks",
            "nm_keep", "rigl_fraction", "rigl_update"]
 
 
@@ -89,26 +95,7 @@ def update_steps(steps: int, every: int, end: float = 0.75) -> List[int]:
 def final_keep_counts(kinds: Sequence[str], rank: int, hidden: Sequence[int], pattern: Tuple,
                       sparsity: float) -> List[int]:
     """Values each factor keeps at the end (what :func:`group_rank` budgets for)."""
-    from ..modules import stored_values
-
     return [stored_values(k, rank, h, pattern, sparsity) for k, h in zip(kinds, hidden)]
-
-
-def nm_keep(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Bool mask keeping the ``n`` best scores of every ``m`` consecutive rows (axis 0)."""
-    K, N = scores.shape
-    G = -(-K // m)
-    padded = torch.nn.functional.pad(scores, (0, 0, 0, G * m - K), value=-math.inf).reshape(G, m, N)
-    keep = torch.topk(padded, min(n, m), dim=1).indices
-    mask = torch.zeros(padded.shape, dtype=torch.bool, device=scores.device).scatter_(1, keep, True)
-    return mask.reshape(G * m, N)[:K]
-
-
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        flat[torch.topk(scores.flatten(), k).indices] = True
-    return flat.view(scores.shape)
 
 
 def magnitude_masks(Vs: Sequence[torch.Tensor], prev: Optional[Sequence[torch.Tensor]], kinds: Sequence[str],
@@ -120,31 +107,23 @@ def magnitude_masks(Vs: Sequence[torch.Tensor], prev: Optional[Sequence[torch.Te
     prune stay pruned) or None; ``pattern`` is ``(ptype, n, m)``;
     ``final_keep`` the final kept count of each factor (unstructured).
     """
-    ptype, n, m = pattern
+    pattern = parse_pattern(pattern)
     with torch.no_grad():
         scores = [V.detach().abs().float() for V in Vs]
-        if prev is not None:
+        if prev is not None:  # a pruned entry stays pruned: it scores below every kept one
             scores = [torch.where(p, s, torch.full_like(s, -1.0)) for s, p in zip(scores, prev)]
-        if ptype == "dense":
-            return [torch.ones_like(V, dtype=torch.bool) for V in Vs]
-        if ptype == "nm":
-            n_t = m - int(round(frac * (m - n))) if nm_gradual else n
-            masks = []
-            for s, kind in zip(scores, kinds):
-                B = s if kind == "expand" else s.t()
-                mask = nm_keep(B, n_t, m)
-                masks.append(mask if kind == "expand" else mask.t())
-            return masks
-        if ptype != "unstructured":
-            raise ValueError(f"compress supports unstructured, N:M and dense patterns, got {ptype!r}")
+        if pattern.kind == "nm":
+            m, n = pattern.m, pattern.n
+            return magnitude_masks_at(scores, kinds, pattern, nm_n=m - int(round(frac * (m - n))) if nm_gradual else n)
+        if pattern.kind not in ("dense", "unstructured"):
+            raise ValueError(f"compress supports unstructured, N:M and dense patterns, got {pattern.kind!r}")
         totals = [V.numel() for V in Vs]
         if scope == "layer":
-            return [_top(s, t - int(round(frac * (t - k)))) for s, t, k in zip(scores, totals, final_keep)]
-        if scope != "global":
-            raise ValueError(f"mask_scope must be 'global' or 'layer', got {scope!r}")
-        T, K = sum(totals), sum(final_keep)
-        flat = _top(torch.cat([s.flatten() for s in scores]), T - int(round(frac * (T - K))))
-        return [t.view_as(V) for t, V in zip(flat.split(totals), Vs)]
+            keep = [t - int(round(frac * (t - k))) for t, k in zip(totals, final_keep)]
+        else:
+            T, K = sum(totals), sum(final_keep)
+            keep = T - int(round(frac * (T - K)))
+        return magnitude_masks_at(scores, kinds, pattern, keep, scope)
 
 
 def rigl_fraction(t: int, t_end: int, alpha: float = 0.3) -> float:

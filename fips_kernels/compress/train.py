@@ -29,7 +29,7 @@ from torch import nn
 from ..modules import get_submodule, set_submodule
 from . import schedule
 from .calibration import Record, unit_output
-from ..pgd import quantize_dequantize
+from ..formats.quant import quantize_dequantize
 from .factors import svd_factors
 from .presets import GroupSpec
 

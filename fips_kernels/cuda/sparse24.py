@@ -29,11 +29,11 @@ from typing import Dict, List, Optional, OrderedDict, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ..formats import SparseFactor
+from ..formats import Layout, SparseFactor
 from ..reference import activate
 
-__all__ = ["PAD", "reasons", "operands", "expand", "contract", "pack_for_cuda", "clear_packs", "packed_bytes",
-           "tensor_nbytes"]
+__all__ = ["PAD", "reasons", "operands", "expand", "contract", "pack_layer", "pack_for_cuda", "clear_packs",
+           "packed_bytes", "tensor_nbytes"]
 
 _logger = logging.getLogger("fips_kernels")
 
@@ -47,18 +47,19 @@ _cache: "OrderedDict[tuple, Tuple[torch.Tensor, tuple]]" = collections.OrderedDi
 _failed: Dict[Tuple[torch.device, torch.dtype], str] = {}  # conversions that raised, with the error
 
 
-def _hidden(factor: SparseFactor, kind: str) -> int:
-    return factor.shape[1] if kind == "expand" else factor.shape[0]
+def _hidden(layout: Layout, kind: str) -> int:
+    return layout.shape[1] if kind == "expand" else layout.shape[0]
 
 
-def reasons(factor: SparseFactor, kind: str, dtype: torch.dtype, device: torch.device) -> List[str]:
+def reasons(layout: Union[Layout, SparseFactor], kind: str, dtype: torch.dtype, device: torch.device) -> List[str]:
     """Why the 2:4 path cannot run this layer (empty: it can)."""
+    layout = getattr(layout, "layout", layout)
     out = []
-    if factor.format != "nm" or (factor.n, factor.m) != (2, 4):
-        out.append(f"sparse tensor cores need a 2:4 nm factor, got the {factor.pattern()} pattern "
-                   f"({factor.format})")
-    if factor.quantized:
-        out.append(f"sparse tensor cores need float factor values, not int{factor.qbits}")
+    if layout.format != "nm" or (layout.params.n, layout.params.m) != (2, 4):
+        out.append(f"sparse tensor cores need a 2:4 nm factor, got the {layout.pattern()} pattern "
+                   f"({layout.format})")
+    if layout.quant is not None:
+        out.append(f"sparse tensor cores need float factor values, not int{layout.quant.bits}")
     if dtype not in DTYPES:
         out.append(f"sparse tensor cores need float16 or bfloat16, not {str(dtype).replace('torch.', '')}")
     if device.type != "cuda":
@@ -69,7 +70,7 @@ def reasons(factor: SparseFactor, kind: str, dtype: torch.dtype, device: torch.d
             out.append(f"sparse tensor cores need compute capability 8.0+, this GPU is {cap[0]}.{cap[1]}")
     if not hasattr(torch.sparse, "to_sparse_semi_structured"):
         out.append(f"torch {torch.__version__} has no torch.sparse.to_sparse_semi_structured")
-    h = _hidden(factor, kind)
+    h = _hidden(layout, kind)
     if h == 0 or h % PAD:
         out.append(f"the hidden width h={h} is not a positive multiple of {PAD} (torch's semi-structured "
                    f"kernels; padding h would copy x or y on every call)")
@@ -240,12 +241,29 @@ def contract(x2: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor],
 
 # ---------------------------------------------------------------- ahead of time
 
+def pack_layer(layer) -> int:
+    """Pack one FiPS layer (anything with ``dispatch_problem``, ``base`` and
+    ``factor``: :class:`~fips_kernels.FiPSLinear`) if the cuda backend would run
+    it on 2:4 sparse tensor cores at large M; returns the bytes added. A failed
+    conversion is logged and becomes one of :func:`reasons`."""
+    from .. import dispatch
+
+    problem = layer.dispatch_problem(1 << 30)
+    if dispatch.backend("cuda").not_supported_reasons(problem) or \
+            reasons(problem.layout, problem.kind, problem.dtype, problem.device):
+        return 0
+    before = packed_bytes()
+    operands(layer.base.operand, layer.factor, layer.kind)
+    return packed_bytes() - before
+
+
 def pack_for_cuda(module: torch.nn.Module) -> int:
     """Pack every FiPS layer of ``module`` (a model, a FiPSGroup or one layer)
     that the cuda backend would run on 2:4 sparse tensor cores, so no large-M
     call pays for the conversion (and none has to happen during CUDA-graph
-    capture). Layers that cannot take the 2:4 path are skipped, and so are all
-    after a conversion that fails (logged once, then one of :func:`reasons`).
+    capture): the same as ``fips_kernels.prepare(module, "cuda")``. Layers that
+    cannot take the 2:4 path are skipped, and so are all after a conversion
+    that fails (logged once, then one of :func:`reasons`).
 
     Memory: the cache then holds, per 2:4 layer, a semi-structured copy of its
     factor (the kept values of ``Bᵀ`` padded to multiples of 64, about the
@@ -254,20 +272,4 @@ def pack_for_cuda(module: torch.nn.Module) -> int:
     The layer's own tensors stay as they are. Returns the bytes added
     (:func:`packed_bytes` reports the total; :func:`clear_packs` frees it).
     """
-    from .. import dispatch
-    from ..modules import FiPSLinear
-
-    before = packed_bytes()
-    cuda = dispatch._registry()["cuda"]
-    for layer in module.modules():
-        if not isinstance(layer, FiPSLinear):
-            continue
-        factor, base = layer.factor, layer.base.operand
-        K, N = factor.shape
-        problem = dispatch.Problem(layer.kind, factor.format, factor.dtype, factor.device, 1 << 30, K, N,
-                                   layer.base.d, layer.rank, tuple(int(v) for v in factor.meta),
-                                   base_quantized=layer.base.quantized)
-        if cuda.not_supported_reasons(problem) or reasons(factor, layer.kind, factor.dtype, factor.device):
-            continue
-        operands(base, factor, layer.kind)  # a failed conversion is logged and becomes a reason
-    return packed_bytes() - before
+    return sum(pack_layer(m) for m in module.modules() if callable(getattr(m, "dispatch_problem", None)))

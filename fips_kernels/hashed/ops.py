@@ -11,8 +11,8 @@
 with ``W = λ·s ⊙ mem[idx]`` (``scale`` is λ; ``spec`` is
 :meth:`HashSpec.to_list <fips_kernels.hashed.mapping.HashSpec.to_list>`).
 Each op checks its inputs (metadata only: no host sync), picks a backend
-through :mod:`fips_kernels.dispatch` (``triton``, else ``reference``; the op
-names are the dispatch ops, the mapping method the format) and runs it. All
+through :mod:`fips_kernels.dispatch` (the same runner as the FiPS ops, with a
+:class:`HashedProblem`: ``triton``, else ``reference``) and runs it. All
 have fake implementations (``torch.compile(fullgraph=True)``, CUDA graphs);
 ``hashed_linear`` and ``hashed_weight`` have autograd formulas whose backward
 calls the gradient ops, so they dispatch too.
@@ -28,129 +28,63 @@ import contextlib
 import functools
 import os
 import threading
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 
 from .. import dispatch
-from . import reference
 from .mapping import HashSpec
 
-__all__ = ["hashed_linear", "hashed_weight", "select", "explain", "problem", "deterministic_gradients",
-           "deterministic_enabled", "OPS", "DETERMINISTIC_ENV"]
+__all__ = ["hashed_linear", "hashed_weight", "select", "explain", "problem", "HashedProblem",
+           "deterministic_gradients", "deterministic_enabled", "OPS", "DETERMINISTIC_ENV"]
 
 OPS = ("hashed_linear", "hashed_grad_input", "hashed_grad_memory", "hashed_weight", "hashed_scatter")
 DETERMINISTIC_ENV = "FIPS_KERNELS_DETERMINISTIC"
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-# ---------------------------------------------------------------- backends
+# ---------------------------------------------------------------- dispatch
 
-def _triton(name: str) -> Callable:
-    def run(*args, **kwargs):
-        from ..triton import hashed as th
+@dataclass(frozen=True)
+class HashedProblem:
+    """A hashed op call, for :mod:`fips_kernels.dispatch`: the op, the layer's
+    :class:`~.mapping.HashSpec`, dtype, device and input rows ``M`` (0 for the
+    weight ops). The backends that run hashed ops list them in their ``ops``."""
 
-        return getattr(th, name)(*args, **kwargs)
+    op: str
+    spec: HashSpec
+    dtype: torch.dtype
+    device: torch.device
+    M: int
 
-    run.__name__ = f"triton_{name}"
-    return run
+    family = "hashed"
 
-
-_KERNELS = {
-    "reference": {"hashed_linear": reference.linear, "hashed_grad_input": reference.grad_input,
-                  "hashed_grad_memory": reference.grad_memory, "hashed_weight": reference.weight,
-                  "hashed_scatter": reference.scatter},
-    "triton": {"hashed_linear": _triton("linear"), "hashed_grad_input": _triton("grad_input"),
-               "hashed_grad_memory": _triton("grad_memory"), "hashed_weight": _triton("weight"),
-               "hashed_scatter": _triton("scatter")},
-}
-_registered = False
-_lock = threading.Lock()
+    def describe(self) -> str:
+        s = self.spec
+        return (f"{self.op} ({s.method}, {self.dtype}, {self.device}, M={self.M}, in={s.in_features}, "
+                f"out={s.out_features}, m={s.size})")
 
 
-def _ensure_registered() -> None:
-    """Add the kernels to the dispatch backends (on first use, so importing this
-    module never imports Triton)."""
-    global _registered
-    if _registered:
-        return
-    with _lock:
-        if not _registered:
-            for backend, kernels in _KERNELS.items():
-                for op, fn in kernels.items():
-                    fmt = "*" if backend == "reference" else None
-                    for f in ([fmt] if fmt else ["stable", "roast"]):
-                        dispatch.register_kernel(backend, op, f, fn)
-            _registered = True
+def problem(op: str, spec: HashSpec, dtype: torch.dtype, device, M: int) -> HashedProblem:
+    """The dispatch problem of a hashed op."""
+    return HashedProblem(op, spec, dtype, torch.device(device), int(M))
 
 
-def problem(op: str, spec: HashSpec, dtype: torch.dtype, device: torch.device, M: int) -> dispatch.Problem:
-    """The dispatch problem of a hashed op: ``K × N`` is the layer's ``in × out``,
-    ``d`` the array size, ``meta`` the spec list."""
-    return dispatch.Problem(op, spec.method, dtype, torch.device(device), M, spec.in_features, spec.out_features,
-                            spec.size, 0, tuple(spec.to_list()))
-
-
-def _extra_reasons(name: str, p: dispatch.Problem, spec: HashSpec) -> List[str]:
-    """Reasons of the hashed kernels themselves (beyond the backend's)."""
-    if name != "triton":
-        return []
-    reasons = []
-    if spec.method == "roast" and spec.tile[1] < 16:
-        reasons.append(f"ROAST tile width {spec.tile[1]} is below 16, the smallest Triton block "
-                       f"(a tile row must hold a whole column block)")
-    if p.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        try:
-            from ..triton import hashed as th
-        except Exception as exc:  # noqa: BLE001 - the backend already reports import errors
-            reasons.append(f"the hashed Triton kernels could not be imported ({type(exc).__name__}: {exc})")
-        else:
-            if not th.INTERPRETED:
-                reasons.append("the hashed Triton kernels were imported before TRITON_INTERPRET=1 was set")
-    return reasons
-
-
-def _all_reasons(p: dispatch.Problem, spec: HashSpec) -> Dict[str, List[str]]:
-    _ensure_registered()
-    reasons = dispatch.not_supported_reasons(p)
-    for name, listed in reasons.items():
-        if not listed:
-            listed.extend(_extra_reasons(name, p, spec))
-    return reasons
-
-
-def select(p: dispatch.Problem, spec: HashSpec) -> str:
-    """The backend that runs ``p``: the forced one (raising
+def select(p: HashedProblem, spec: Optional[HashSpec] = None) -> str:
+    """The name of the backend that runs ``p``: the forced one (raising
     :class:`~fips_kernels.dispatch.BackendUnavailable` with its reasons if it
     cannot), else the first in priority order that can."""
-    reasons = _all_reasons(p, spec)
-    forced = dispatch.forced_backend()
-    if forced is not None:
-        if reasons[forced]:
-            raise dispatch.BackendUnavailable(
-                f"backend {forced!r} was forced but cannot run {p.op} ({spec.method}, {p.dtype}, {p.device}, "
-                f"M={p.M}, in={p.K}, out={p.N}, m={p.d}):\n  - " + "\n  - ".join(reasons[forced]))
-        return forced
-    for name, listed in reasons.items():
-        if not listed:
-            return name
-    raise dispatch.BackendUnavailable("no backend can run " + repr(p))  # pragma: no cover
+    return dispatch.select(p).name
 
 
-def explain(p: dispatch.Problem, spec: HashSpec) -> str:
+def explain(p: HashedProblem, spec: Optional[HashSpec] = None) -> str:
     """Which backend runs ``p`` and why the others cannot."""
-    lines, chosen = [], None
-    for name, reasons in _all_reasons(p, spec).items():
-        if not reasons and chosen is None:
-            chosen = name
-        mark = "runs" if name == chosen else ("could run" if not reasons else "cannot run")
-        lines.append(f"{name:10s} {mark}" + "".join(f"\n{'':11s}- {r}" for r in reasons))
-    return "\n".join(lines)
+    return dispatch.explain(p)
 
 
 def _run(op: str, spec: HashSpec, dtype, device, M: int, *args):
-    name = select(problem(op, spec, dtype, device, M), spec)
-    return dispatch.BACKENDS[name].kernel(op, spec.method)(*args)
+    return dispatch.select(problem(op, spec, dtype, device, M)).kernel(op)(*args)
 
 
 # ---------------------------------------------------------------- checks

@@ -1,134 +1,94 @@
-"""The Triton backend's kernels for each op, and the choice of strategy by M.
+"""The Triton backend's products for the strategy template
+(:mod:`fips_kernels.strategies`): :func:`.sparse_matmul.sparse_matmul` for the
+factored product (dense, nm, bitmap factors; float or int8/int4 values and the
+int8 base dequantised in registers), the same kernel writing ``W = U·B`` into a
+reused workspace for reconstruct, and :mod:`.tile_reconstruct` for ``ell``
+factors (each weight tile rebuilt in SRAM from rows of ``U``), which replaces
+the factored product for that format.
 
-* **factored** (small and medium M): expand ``z = x·U`` (cuBLAS), then
-  ``y = act(z·B + b)`` with ``B`` decompressed tile by tile in SRAM; contract
-  ``z = x·B`` (sparse operand in SRAM), then ``y = z·Uᵀ + b`` (cuBLAS). ``z``
-  is only ``M × r`` and passes through L2 between the two launches; the bytes
-  moved are the compressed bytes.
-* **tile_reconstruct** (``ell`` factors, few non-zeros per hidden unit): each
-  weight tile is rebuilt in SRAM from rows of ``U`` and fed to ``tl.dot``
-  (:mod:`.tile_reconstruct`); this replaces ``factored`` for that format.
-* **reconstruct** (large M, compute-bound): ``W = U·B`` is rebuilt once per
-  call by the same Triton kernels into a reusable workspace (no allocation
-  after the first call for a shape), then one dense GEMM.
-
-The crossover between the two comes from :mod:`fips_kernels.tuning`.
-
-Quantised factors (int8/int4 values with scales) and an int8 base are
-dequantised in registers inside the same kernels (the base is then the
-kernel's B operand: ``x·U`` and ``z·Uᵀ`` run through :func:`sparse_matmul`
-with ``U`` as a quantised dense factor). The reconstruct paths, which write a
-dense weight anyway, take a dequantised copy of an int8 base.
+Importing this module imports Triton; :mod:`.backend` imports it lazily.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import List
 
 import torch
-import torch.nn.functional as F
 
-from ..formats import SparseFactor
+from ..formats import Layout
 from ..ops import base_matrix
-from ..reference import activate
-from ..workspaces import clear_workspaces, workspace, workspace_bytes
-from .sparse_matmul import sparse_matmul
+from ..strategies import Factored, Matmul, Reconstruct, Strategy, StrategySet
+from ..workspaces import workspace
+from .sparse_matmul import FMT_CODES, sparse_matmul
 from .tile_reconstruct import tile_reconstruct_linear, tile_reconstruct_weight
-from ..tuning import STRATEGY_ENV, forced_strategy, reconstruct_min_m
 
-__all__ = ["expand", "contract", "gate_up", "reconstruct", "choose_strategy", "STRATEGIES", "clear_workspaces",
-           "workspace_bytes"]
-
-STRATEGIES = ("factored", "tile_reconstruct", "reconstruct")
-
-Base = Union[torch.Tensor, SparseFactor]  # float U, or int8 U as a quantised dense factor
+__all__ = ["TritonMatmul", "TileReconstruct", "STRATEGIES"]
 
 
-def choose_strategy(M: int, kind: str, factor: SparseFactor, d: int, device: torch.device,
-                    forced: Optional[str] = None) -> str:
-    """``reconstruct`` from the measured crossover M on; below it ``factored``
-    (``tile_reconstruct`` for ell factors). ``forced``, else ``FIPS_KERNELS_STRATEGY``, forces one."""
-    small = "tile_reconstruct" if factor.format == "ell" else "factored"
-    forced = forced_strategy(forced)
-    if forced:
-        if forced == "sparse24":
-            raise ValueError(f"{STRATEGY_ENV}='sparse24' is a strategy of the cuda backend (2:4 sparse tensor "
-                             f"cores), but this call runs on triton; its strategies: {STRATEGIES}")
-        if forced not in STRATEGIES:
-            raise ValueError(f"{STRATEGY_ENV}={forced!r}: choose one of {STRATEGIES}")
-        if forced != "reconstruct" and forced != small:
-            raise ValueError(f"{STRATEGY_ENV}={forced!r} cannot run a {factor.format!r} factor "
-                             f"(its strategies: {small}, reconstruct)")
-        return forced
-    return "reconstruct" if M >= reconstruct_min_m(device, kind, factor, d) else small
+def _ell_axis(kind: str) -> int:
+    return 0 if kind == "expand" else 1  # the lists run along the rank axis
 
 
-def _x_times_base(x2: torch.Tensor, U: Base) -> torch.Tensor:
-    """``z = x·U`` (cuBLAS for a float base; in-register dequantisation for int8)."""
-    return sparse_matmul(x2, U) if isinstance(U, SparseFactor) else torch.mm(x2, U)
+class TritonMatmul(Matmul):
+    def sparse_reasons(self, layout: Layout, transpose: bool = False) -> List[str]:
+        if layout.format not in FMT_CODES:
+            return [f"the Triton sparse product does not take the {layout.format!r} format"
+                    + (" (tile_reconstruct runs it)" if layout.format == "ell" else "")]
+        if layout.format == "bitmap":
+            tk, tn = layout.params.tile
+            if tk < 16 or tk & (tk - 1) or tn & (tn - 1):
+                return [f"bitmap tile ({tk}, {tn}) is not a power of two >= 16 in both axes"]
+        return []
+
+    def sparse(self, a, factor, bias=None, activation="none", transpose=False):
+        return sparse_matmul(a, factor, bias, activation, transpose=transpose)
+
+    def gated_reasons(self, layout):
+        if layout.format == "ell":
+            return ["no fused Triton gate/up for ell factors (tile_reconstruct has no gated form)"]
+        return self.sparse_reasons(layout)
+
+    def gated(self, a, gate, up, bias_gate, bias_up):
+        return sparse_matmul(a, gate, bias_gate, up=up, up_bias=bias_up)
+
+    def weight_reasons(self, layout, kind):
+        if layout.format == "ell":
+            if layout.params.axis != _ell_axis(kind):
+                return [f"tile-reconstruct needs a {kind} ell factor's lists along the rank axis (axis "
+                        f"{_ell_axis(kind)}), got axis {layout.params.axis}"]
+            return []
+        return self.sparse_reasons(layout)
+
+    def weight_dh(self, U, factor, kind, reuse=False):
+        d = U.shape[0]
+        h = factor.shape[1] if kind == "expand" else factor.shape[0]
+        out = workspace((d, h), U.dtype, U.device) if reuse else None
+        if factor.format == "ell":
+            if kind == "expand":
+                return tile_reconstruct_weight(U, factor, kind, out=out)
+            if out is None:
+                out = torch.empty(d, h, dtype=U.dtype, device=U.device)
+            tile_reconstruct_weight(U, factor, kind, out=out.t())  # the kernel writes (U·V)ᵀ
+            return out
+        return sparse_matmul(U, factor, out=out, transpose=(kind == "contract"))
 
 
-def _z_times_base_t(z: torch.Tensor, U: Base, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``y = z·Uᵀ + b``."""
-    return sparse_matmul(z, U, bias, transpose=True) if isinstance(U, SparseFactor) else F.linear(z, U, bias)
+class TileReconstruct(Strategy):
+    """``ell`` factors at small M: the weight tiles rebuilt in SRAM inside the matmul."""
 
+    name = "tile_reconstruct"
+    regime = "small"
 
-def _dense_weight_dn(U: Base, factor: SparseFactor, kind: str, out: Optional[torch.Tensor] = None):
-    """``U·V`` as ``(d × h)``: expand ``U·B``; contract ``U·Bᵀ``."""
-    U = base_matrix(U)
-    if factor.format == "ell":
-        if kind == "expand":
-            return tile_reconstruct_weight(U, factor, kind, out=out)
-        h = factor.shape[0]
-        if out is None:
-            out = torch.empty(U.shape[0], h, dtype=U.dtype, device=U.device)
-        tile_reconstruct_weight(U, factor, kind, out=out.t())  # the kernel writes (U·V)ᵀ
-        return out
-    return sparse_matmul(U, factor, out=out, transpose=(kind == "contract"))
+    def reasons(self, p):
+        if p.fmt != "ell":
+            return [f"tile_reconstruct runs ell factors, not {p.fmt!r}"]
+        return self.mm.weight_reasons(p.layout, p.kind)
 
+    def expand(self, x2, U, factor, bias, activation, strict=False):
+        return tile_reconstruct_linear(x2, base_matrix(U), factor, "expand", bias, activation)
 
-def expand(x2: torch.Tensor, U: Base, factor: SparseFactor, bias: Optional[torch.Tensor],
-           activation: str = "none", strategy: Optional[str] = None) -> torch.Tensor:
-    """``act((x·U)·B + b)``; x2 ``(M, d)`` → ``(M, h)``."""
-    act = None if activation in (None, "none") else activation
-    d = U.shape[0]
-    strategy = choose_strategy(x2.shape[0], "expand", factor, d, x2.device, strategy)
-    if strategy == "reconstruct":
-        W = _dense_weight_dn(U, factor, "expand", workspace((d, factor.shape[1]), x2.dtype, x2.device))
-        return activate(F.linear(x2, W.t(), bias), act)
-    if strategy == "tile_reconstruct":
-        return tile_reconstruct_linear(x2, base_matrix(U), factor, "expand", bias, act)
-    z = _x_times_base(x2, U)
-    return sparse_matmul(z, factor, bias, act)
-
-
-def contract(x2: torch.Tensor, U: Base, factor: SparseFactor, bias: Optional[torch.Tensor],
-             strategy: Optional[str] = None) -> torch.Tensor:
-    """``(x·B)·Uᵀ + b``; x2 ``(M, h)`` → ``(M, d)``."""
-    d = U.shape[0]
-    strategy = choose_strategy(x2.shape[0], "contract", factor, d, x2.device, strategy)
-    if strategy == "reconstruct":
-        W = _dense_weight_dn(U, factor, "contract", workspace((d, factor.shape[0]), x2.dtype, x2.device))
-        return F.linear(x2, W, bias)
-    if strategy == "tile_reconstruct":
+    def contract(self, x2, U, factor, bias, strict=False):
         return tile_reconstruct_linear(x2, base_matrix(U), factor, "contract", bias)
-    z = sparse_matmul(x2, factor)
-    return _z_times_base_t(z, U, bias)
 
 
-def gate_up(x2: torch.Tensor, U: Base, gate: SparseFactor, up: SparseFactor,
-            bias_gate: Optional[torch.Tensor], bias_up: Optional[torch.Tensor]) -> torch.Tensor:
-    """``silu(z·B_g + b_g) * (z·B_u + b_u)`` with ``z = x·U`` computed once and both
-    factors decompressed in the same K loop."""
-    z = _x_times_base(x2, U)
-    return sparse_matmul(z, gate, bias_gate, up=up, up_bias=bias_up)
-
-
-def reconstruct(U: Base, factor: SparseFactor, kind: str) -> torch.Tensor:
-    """The torch-layout weight, written once (no dense copy of ``B`` on the way)."""
-    U = base_matrix(U)
-    d = U.shape[0]
-    if kind == "expand":
-        W = torch.empty(factor.shape[1], d, dtype=U.dtype, device=U.device)  # (h, d) = (U·B)ᵀ
-        _dense_weight_dn(U, factor, kind, out=W.t())
-        return W
-    return _dense_weight_dn(U, factor, kind)  # (d, h) = U·Bᵀ
+_MM = TritonMatmul()
+STRATEGIES = StrategySet("triton", _MM, [TileReconstruct(_MM), Factored(_MM), Reconstruct(_MM)])

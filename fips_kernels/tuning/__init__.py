@@ -13,11 +13,11 @@ import functools
 import json
 import os
 from importlib import resources
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 
-from ..formats import SparseFactor
+from ..formats import Layout, SparseFactor
 
 STRATEGY_ENV = "FIPS_KERNELS_STRATEGY"
 
@@ -38,9 +38,10 @@ def entry_for(device: torch.device) -> dict:
     return table.get(_gpu_name(device), table["default"])
 
 
-def reconstruct_min_m(device: torch.device, kind: str, factor: SparseFactor, d: int,
+def reconstruct_min_m(device: torch.device, kind: str, factor: Union[SparseFactor, Layout], d: int,
                       backend: str = "triton") -> int:
-    """Smallest M at which reconstruct-GEMM runs instead of the factored kernels."""
+    """Smallest M at which the large-M strategies (reconstruct-GEMM, 2:4) run instead
+    of the factored kernels, for ``backend`` (``factor``: a SparseFactor or its Layout)."""
     entry = entry_for(device)
     scoped = entry.get("by_backend", {}).get(backend, {})
     for source in (scoped, entry):

@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 import torch
 
-from .formats import SparseFactor
+from ..formats import SparseFactor
 
 __all__ = ["KINDS", "ACTIVATIONS", "activate", "expand", "contract", "gate_up", "fips_linear", "reconstruct",
            "linear_weight", "factor_matrix"]
