@@ -177,3 +177,17 @@ def test_held_back_text_is_not_calibration_text():
 def test_cli_refuses_bad_arguments(capsys):
     assert cli.main(["bench-quality", "--ratios", "0.5", "--quick"]) == 2
     assert "ratios must be > 1" in capsys.readouterr().err
+
+
+def test_fips_is_compared_with_the_peers_curve():
+    rows = [dict(method=m, setting=st, ratio=str(r), cos_mean=str(c), spearman=str(c), status="ok") for m, st, r, c in
+            (("rtn", "bits=4", 4, 0.99), ("gptq", "bits=3", 16, 0.91), ("rtn", "bits=2", 16, 0.5),
+             ("fips", "ratio=8", 8, 0.96), ("fips", "ratio=20", 20, 0.9))]
+    # the peers' front: (4, 0.99) -> (16, 0.91); at 8 (halfway in log ratio): 0.95
+    assert quality.peer_curve(rows, 8) == pytest.approx(0.95)
+    assert quality.peer_curve(rows, 20) is None
+    table = quality.fips_against_peers(rows).splitlines()
+    assert "| ratio=8 | 8.00x | 0.9600 |" in table[2] and "0.9500" in table[2] and table[2].endswith("| yes |")
+    assert table[3].endswith("| yes |") and "none" in table[3]
+    rows[3]["cos_mean"] = "0.94"
+    assert quality.fips_against_peers(rows).splitlines()[2].endswith("| no |")

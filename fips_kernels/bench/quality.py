@@ -42,8 +42,9 @@ from torch import nn
 
 from . import quantizers
 
-__all__ = ["QualityError", "Context", "METHODS", "build_context", "evaluate", "run", "spearman",
-           "markdown_table", "plot", "COLUMNS", "main_args", "add_arguments"]
+__all__ = ["QualityError", "Context", "METHODS", "build_context", "evaluate", "run", "spearman", "agreement",
+           "markdown_table", "fips_against_peers", "peer_curve", "pareto", "plot", "COLUMNS", "main_args",
+           "add_arguments", "read_csv"]
 
 CPU_NOTE = ("CPU measurement of quality and bytes (not of speed): the cosine and Spearman columns do not depend "
             "on the machine beyond float rounding")
@@ -471,6 +472,44 @@ def markdown_table(rows: Sequence[Dict[str, str]], min_ratio: float = 0.0) -> st
     return "\n".join(lines)
 
 
+def peer_curve(rows: Sequence[Dict[str, str]], ratio: float, exclude: str = "fips") -> Optional[float]:
+    """The peers' best mean cosine at ``ratio``: their Pareto front (every method but
+    ``exclude`` and the dense reference), linear in log ratio between its points;
+    None beyond its last point (no peer compresses that much)."""
+    import math
+
+    front = sorted(((float(r["ratio"]), float(r["cos_mean"])) for r in pareto(
+        [r for r in _ok(rows) if r["method"] not in (exclude, "dense")])))
+    if not front or ratio > front[-1][0]:
+        return None
+    if ratio <= front[0][0]:
+        return front[0][1]
+    for (x0, y0), (x1, y1) in zip(front, front[1:]):
+        if x0 <= ratio <= x1:
+            w = (math.log(ratio) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + w * (y1 - y0)
+    return None
+
+
+def fips_against_peers(rows: Sequence[Dict[str, str]]) -> str:
+    """A markdown table: each FiPS point against the peers' curve at its ratio and the
+    best peer point that compresses at least as much."""
+    lines = ["| FiPS setting | ratio | mean cos | Spearman | peers' curve at that ratio | best peer at ≥ that ratio "
+             "| FiPS ahead? |", "|---|---|---|---|---|---|---|"]
+    peers = [r for r in _ok(rows) if r["method"] not in ("fips", "dense")]
+    for r in sorted((r for r in _ok(rows) if r["method"] == "fips"), key=lambda r: float(r["ratio"])):
+        x, y = float(r["ratio"]), float(r["cos_mean"])
+        curve = peer_curve(rows, x)
+        better = [p for p in peers if float(p["ratio"]) >= x]
+        best = max(better, key=lambda p: float(p["cos_mean"])) if better else None
+        best_text = (f"{best['method']} {best['setting']}: {float(best['cos_mean']):.4f} at "
+                     f"{float(best['ratio']):.2f}x") if best else "none"
+        ahead = "yes" if (curve is None or y >= curve) and (best is None or y >= float(best["cos_mean"])) else "no"
+        lines.append(f"| {r['setting']} | {x:.2f}x | {y:.4f} | {float(r['spearman']):.4f} | "
+                     f"{'-' if curve is None else f'{curve:.4f}'} | {best_text} | {ahead} |")
+    return "\n".join(lines)
+
+
 def plot(rows: Sequence[Dict[str, str]], path: str, title: str = "") -> Optional[str]:
     """Ratio (log axis) against mean cosine, one curve per method; returns None, or
     why no plot was written (matplotlib missing)."""
@@ -598,6 +637,8 @@ def _main(args) -> int:
     if args.from_csv:
         rows = read_csv(args.from_csv)
         print(markdown_table(rows))
+        print()
+        print(fips_against_peers(rows))
         why = plot(rows, args.plot or os.path.splitext(args.from_csv)[0] + ".png", rows[0]["model"] if rows else "")
         if why:
             print(why)
@@ -629,6 +670,8 @@ def _main(args) -> int:
     rows = run(ctx, methods, out=out, settings=settings, progress=not args.no_progress)
     print()
     print(markdown_table(rows))
+    print()
+    print(fips_against_peers(rows))
     why = plot(rows, args.plot or os.path.splitext(out)[0] + ".png", f"{ctx.name}: quality per byte (CPU)")
     print(f"\nwrote {out}" + (f" ({why})" if why else f" and {args.plot or os.path.splitext(out)[0] + '.png'}"))
     if ctx.device.type == "cpu":
