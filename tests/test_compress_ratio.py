@@ -81,8 +81,9 @@ def test_ratio_is_reached_and_never_exceeded(ratio):
 
 def test_ratio_rules_and_explicit_overrides():
     groups = [type("G", (), dict(d=384, hidden=[1536] * 6, kinds=["expand", "contract"] * 3))()] * 2
-    assert plan_ratio(groups, 1.5).form.qbits is None
-    assert plan_ratio(groups, 3).form.factor_dtype == torch.float16
+    p4 = plan_ratio(groups, 4)
+    assert p4.form.qbits == 8 and p4.form.sparsity == 0.5 and p4.form.factor_dtype == torch.float16
+    assert plan_ratio(groups, 1.5).budget > 1  # overcomplete: the bytes bind, not the parameter count
     p8 = plan_ratio(groups, 8)
     assert p8.form.qbits == 4 and p8.form.base_qbits == 8 and p8.bytes <= p8.dense_bytes / 8
     forced = plan_ratio(groups, 8, qbits=8, pattern="2:4")

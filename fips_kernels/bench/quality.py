@@ -565,8 +565,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"methods to run (default: all): {', '.join(METHODS)}")
     p.add_argument("--ratios", nargs="+", type=float, metavar="R",
                    help="FiPS target ratios (default: 4 8 10 12 16, plus the default command's budget 0.5)")
-    p.add_argument("--steps", type=int, help="FiPS block-wise steps per group (default: 200 on a CPU, as the "
-                                             "compress command's built-in default, else 600)")
+    p.add_argument("--steps", type=int, help="FiPS block-wise steps per group (default: on a CPU as many as the "
+                                             "compress command's built-in default, 150; else 600)")
     p.add_argument("--finetune-steps", type=int, help="FiPS end-to-end steps (default: as many as --steps)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: RTN and FiPS at one ratio with a few steps, 32 calibration samples")
@@ -661,7 +661,9 @@ def _main(args) -> int:
         if not r > 1:
             raise QualityError(f"--ratios must be > 1, got {r}")
     ctx = _load(args)
-    steps = args.steps if args.steps is not None else (200 if ctx.device.type == "cpu" else 600)
+    from ..compress.command import BUILTIN_CPU_STEPS
+
+    steps = args.steps if args.steps is not None else (BUILTIN_CPU_STEPS if ctx.device.type == "cpu" else 600)
     ctx.extra.update(steps=steps, finetune_steps=args.finetune_steps, progress=not args.no_progress)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out = args.out or f"quality_{ctx.device.type}_{ctx.name.replace('/', '_')}_{stamp}.csv"

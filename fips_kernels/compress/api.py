@@ -221,8 +221,10 @@ def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optiona
     budget = 0.5 if budget is None else budget
     pattern = pattern or "unstructured"
     qgroup = 64 if qgroup is None else qgroup
-    pat, sparsity, fmt = _check_args(budget, steps, pattern, sparsity, format, pruning, mask_scope, nm_schedule,
-                                     prune_every, prune_end, lr)
+    # with a ratio the bytes bind, not the parameter count: an overcomplete int4 plan may keep more
+    # parameters than the dense weights have (budget > 1)
+    pat, sparsity, fmt = _check_args(budget if plan is None else 1.0, steps, pattern, sparsity, format, pruning,
+                                     mask_scope, nm_schedule, prune_every, prune_end, lr)
     if qbits not in (None, 8, 4) or base_qbits not in (None, 8):
         raise ValueError(f"compress: qbits must be None, 8 or 4 and base_qbits None or 8, got {qbits}, {base_qbits}")
     if qbits and fmt not in QUANT_FORMATS:

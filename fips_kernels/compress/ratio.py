@@ -61,15 +61,14 @@ class Rule:
     min_rank_fraction: float = 0.25   # of d: below it the form is too thin; try the next rule
 
 
-# Measured (docs/COMPRESS.md): float fp16 factors where 16 bits suffice, int8 values in the
-# middle, int4 values with an int8 base beyond; the sparsity falls as the ratio rises
-# because the bitmap's bit per element costs as much as a 4-bit value at s = 0.75.
+# Measured on all-MiniLM-L6-v2 (docs/COMPRESS.md, quality log): at equal bytes a higher rank at
+# s = 0.5 beats s = 0.75 (the bitmap's bit per element costs as much as a 4-bit value at s = 0.75)
+# and beats a dense factor at a rank below d; int8 values up to 6.5x, int4 values (with an int8
+# base) beyond; floats stored in fp16. s = 0.75 is the last resort for ratios s = 0.5 cannot reach.
 RULES: Tuple[Rule, ...] = (
-    Rule(1.0, 2.6, Form("unstructured", 0.75, None, 64, None, None)),
-    Rule(2.6, 4.5, Form("unstructured", 0.75, None, 64, None, torch.float16)),
-    Rule(4.5, 6.5, Form("unstructured", 0.75, 8, 64, 8, torch.float16)),
-    Rule(6.5, 1e9, Form("unstructured", 0.5, 4, 64, 8, torch.float16)),
-    Rule(6.5, 1e9, Form("unstructured", 0.75, 4, 64, 8, torch.float16), 0.0),
+    Rule(1.0, 6.5, Form("unstructured", 0.5, 8, 64, 8, torch.float16)),
+    Rule(1.0, 1e9, Form("unstructured", 0.5, 4, 64, 8, torch.float16)),
+    Rule(1.0, 1e9, Form("unstructured", 0.75, 4, 64, 8, torch.float16), 0.0),
 )
 
 
