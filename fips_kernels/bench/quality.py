@@ -33,6 +33,7 @@ import copy
 import csv
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -270,7 +271,7 @@ def _fips(ctx, ratio=None, **kwargs):
 
     model = copy.deepcopy(ctx.model)
     kwargs = dict(kwargs)
-    kwargs.setdefault("progress", bool(ctx.extra.get("progress")))
+    kwargs.setdefault("progress", bool(ctx.extra.get("progress")) and sys.stderr.isatty())  # bars: terminals only
     if ratio is not None:
         kwargs["ratio"] = ratio
     for key in ("steps", "finetune_steps"):
@@ -627,8 +628,6 @@ def main_args(args, prog: str = "fips-kernels") -> int:
     try:
         return _main(args)
     except (QualityError, CommandError, PresetError, CalibrationError) as exc:
-        import sys
-
         print(f"{prog} bench-quality: error: {exc}", file=sys.stderr)
         return 2
 
