@@ -197,3 +197,26 @@ def test_text_helpers(tmp_path):
         calibration.read_text_file(tmp_path / "missing.txt")
     texts = calibration.builtin_texts()
     assert len(texts) >= 200 and len(set(texts)) == len(texts)
+
+
+def test_cli_ratio_reaches_the_byte_target_and_says_what_it_chose(bert_dir, tmp_path, capsys):
+    data = _text_file(tmp_path / "calib.txt", n=24)
+    out = tmp_path / "r.safetensors"
+    rc = cli.main(["compress", str(bert_dir), "--data", str(data), "--out", str(out), "--ratio", "3", "--steps", "4",
+                   "--finetune-steps", "2", "--prune-every", "2", "--group-size", "2", "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    report = json.loads((tmp_path / "r.report.json").read_text())
+    assert report["totals"]["bytes"] <= report["totals"]["dense_bytes"] / 3
+    assert report["config"]["ratio"] == 3 and "target ratio 3" in report["config"]["plan"]
+    assert "--ratio 3 chose:" in text and "then 2 end-to-end steps" in text
+
+
+def test_cli_ratio_errors(bert_dir, tmp_path, capsys):
+    data = _text_file(tmp_path / "calib.txt", n=16)
+    for extra, message in ((["--ratio", "3", "--budget", "0.4"], "not both"), (["--ratio", "0.5"], "out of range"),
+                           (["--ratio", "100000"], "out of reach"), (["--finetune-steps", "-1"], "out of range")):
+        rc = cli.main(["compress", str(bert_dir), "--data", str(data), "--out", str(tmp_path / "x.safetensors"),
+                       "--steps", "2", "--no-progress", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err, (extra, err)
