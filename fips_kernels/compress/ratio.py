@@ -166,6 +166,8 @@ def plan_ratio(groups, ratio: float, dtype: torch.dtype = torch.float32, **fixed
     rules = [r for r in RULES if r.low <= ratio < r.high] or [RULES[-1]]
     for rule in rules:
         form = replace(rule.form, **fixed)
+        if "factor_dtype" not in fixed and _itemsize(dtype) <= 2:
+            form = replace(form, factor_dtype=None)  # a 16-bit model keeps its own dtype (bf16 stays bf16)
         if "pattern" in fixed and "sparsity" not in fixed:  # the pattern's own sparsity (0.75 unstructured)
             form = replace(form, sparsity=None)
         try:
