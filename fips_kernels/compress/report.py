@@ -109,7 +109,7 @@ class CompressionReport:
         c = self.config
         pattern = c.get("pattern")
         lines = [
-            f"FiPS compression of {self.model} (preset {self.preset}, unit {self.unit}): budget {c.get('budget')}, "
+            f"FiPS compression of {self.model} (preset {self.preset}, unit {self.unit}): budget {c.get('budget'):.4g}, "
             f"{pattern} (s={c.get('sparsity')}, {c.get('format')}), groups of {c.get('group_size')}, "
             f"{c.get('steps')} steps, {c.get('pruning')} ({c.get('mask_scope')}), seed {c.get('seed')}"
             + (f", factor dtype {c['factor_dtype']}" if c.get("factor_dtype", "float32") != "float32" else "")
