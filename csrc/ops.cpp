@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "nm_decode.h"
+#include "reconstruct_nm.h"
 
 // The value dtypes of the op: float32, float16, bfloat16 (not double: the
 // input checks reject it, so no kernel is instantiated for it).
@@ -48,10 +49,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 namespace fips_kernels {
 
-// Validates the arguments of reconstruct_nm (shared with the CUDA
-// implementation in reconstruct_nm.cu). Does not check contiguity: callers
-// call .contiguous() on the inputs.
-void check_reconstruct_nm_inputs(const at::Tensor& U, const at::Tensor& values,
+// Validates the arguments of reconstruct_nm (see prepare_reconstruct_nm).
+static void check_reconstruct_nm_inputs(const at::Tensor& U, const at::Tensor& values,
                                  const at::Tensor& indices, int64_t K, int64_t N,
                                  int64_t n, int64_t m, bool contract) {
   constexpr const char* op = "fips_kernels_cuda::reconstruct_nm";
@@ -104,6 +103,25 @@ void check_reconstruct_nm_inputs(const at::Tensor& U, const at::Tensor& values,
   }
 }
 
+ReconstructNmCall prepare_reconstruct_nm(const at::Tensor& U, const at::Tensor& values,
+                                         const at::Tensor& indices, int64_t K, int64_t N,
+                                         int64_t n, int64_t m, bool contract) {
+  check_reconstruct_nm_inputs(U, values, indices, K, N, n, m, contract);
+  ReconstructNmCall call;
+  call.U = U.contiguous();
+  call.values = values.contiguous();
+  call.indices = indices.contiguous();
+  call.d = call.U.size(0);
+  call.out = contract ? at::empty({call.d, K}, call.U.options())
+                      : at::empty({N, call.d}, call.U.options());
+  call.done = call.out.numel() == 0;  // no launch with an empty grid
+  if (!call.done && (contract ? N : K) == 0) {  // empty reduction: zeros
+    call.out.zero_();
+    call.done = true;
+  }
+  return call;
+}
+
 namespace {
 
 // out[p, q] = sum_{k < L} X[p, k] * Y[q, k], fp32 accumulation in k order
@@ -149,23 +167,18 @@ void rowdot_gemm(const float* X, const float* Y, scalar_t* out, int64_t P,
 at::Tensor reconstruct_nm_cpu(const at::Tensor& U_, const at::Tensor& values_,
                               const at::Tensor& indices_, int64_t K, int64_t N,
                               int64_t n, int64_t m, bool contract) {
-  check_reconstruct_nm_inputs(U_, values_, indices_, K, N, n, m, contract);
   TORCH_CHECK(U_.device().is_cpu(),
               "fips_kernels_cuda::reconstruct_nm (CPU): expected CPU tensors, got ",
               U_.device());
-  const at::Tensor U = U_.contiguous();
-  const at::Tensor values = values_.contiguous();
-  const at::Tensor indices = indices_.contiguous();
-
-  const int64_t d = U.size(0);
-  at::Tensor out = contract ? at::empty({d, K}, U.options())
-                            : at::empty({N, d}, U.options());
-  if (out.numel() == 0) {
-    return out;
+  const ReconstructNmCall call = prepare_reconstruct_nm(U_, values_, indices_, K, N, n, m, contract);
+  if (call.done) {
+    return call.out;
   }
-  if ((contract ? N : K) == 0) {  // empty reduction
-    return out.zero_();
-  }
+  const at::Tensor& U = call.U;
+  const at::Tensor& values = call.values;
+  const at::Tensor& indices = call.indices;
+  const at::Tensor& out = call.out;
+  const int64_t d = call.d;
 
   const int64_t J = nm::values_rows(K, n, m);
   const int32_t* idx = indices.data_ptr<int32_t>();

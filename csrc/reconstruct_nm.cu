@@ -32,6 +32,7 @@
 #include <cstdint>
 
 #include "nm_decode.h"
+#include "reconstruct_nm.h"
 
 // The value dtypes of the op: float32, float16, bfloat16 (not double: the
 // input checks reject it, so no kernel is instantiated for it).
@@ -42,11 +43,6 @@
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace fips_kernels {
-
-// Defined in ops.cpp (shared with the CPU implementation).
-void check_reconstruct_nm_inputs(const at::Tensor& U, const at::Tensor& values,
-                                 const at::Tensor& indices, int64_t K, int64_t N,
-                                 int64_t n, int64_t m, bool contract);
 
 namespace {
 
@@ -235,7 +231,6 @@ __global__ void __launch_bounds__(kThreads, 2)
 at::Tensor reconstruct_nm_cuda(const at::Tensor& U_, const at::Tensor& values_,
                                const at::Tensor& indices_, int64_t K, int64_t N,
                                int64_t n, int64_t m, bool contract) {
-  check_reconstruct_nm_inputs(U_, values_, indices_, K, N, n, m, contract);
   TORCH_CHECK(U_.is_cuda(),
               "fips_kernels_cuda::reconstruct_nm (CUDA): expected CUDA tensors, got ",
               U_.device());
@@ -251,20 +246,15 @@ at::Tensor reconstruct_nm_cuda(const at::Tensor& U_, const at::Tensor& values_,
               "fips_kernels_cuda::reconstruct_nm needs compute capability >= 8.0, got ",
               cc_major, ".", cc_minor);
 
-  const at::Tensor U = U_.contiguous();
-  const at::Tensor values = values_.contiguous();
-  const at::Tensor indices = indices_.contiguous();
-
-  const int64_t d = U.size(0);
-  at::Tensor out = contract ? at::empty({d, K}, U.options())
-                            : at::empty({N, d}, U.options());
-  if (out.numel() == 0) {
-    return out;  // no launch with an empty grid
+  const ReconstructNmCall call = prepare_reconstruct_nm(U_, values_, indices_, K, N, n, m, contract);
+  if (call.done) {
+    return call.out;  // no launch with an empty grid or reduction
   }
-  const int64_t red = contract ? N : K;
-  if (red == 0) {
-    return out.zero_();
-  }
+  const at::Tensor& U = call.U;
+  const at::Tensor& values = call.values;
+  const at::Tensor& indices = call.indices;
+  const at::Tensor& out = call.out;
+  const int64_t d = call.d;
 
   const int64_t rows = contract ? d : N;
   const int64_t cols = contract ? K : d;

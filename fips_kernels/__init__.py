@@ -17,6 +17,9 @@ from . import dispatch, reference  # noqa: E402
 from .dispatch import BackendUnavailable, use_backend  # noqa: E402
 from .formats import FormatError, SparseFactor  # noqa: E402
 from .io import CheckpointError, load, save  # noqa: E402
+from .meta import empty_weights  # noqa: E402
+from . import hf  # noqa: E402  (never imports transformers: the quantizer registers when transformers loads it)
+from .hf import from_pretrained, save_pretrained  # noqa: E402
 from .modules import FiPSGatedMLP, FiPSGroup, FiPSLinear, SharedBase, install, prepare  # noqa: E402
 from .budget import rank_for_budget  # noqa: E402
 from .factorize import factorize_group  # noqa: E402
@@ -27,6 +30,8 @@ from .hashed import HashedEmbedding, HashedLinear, HashedMemory, scale_gradients
 from . import compress  # noqa: E402  (callable: fips_kernels.compress(model, ...); timm/transformers load lazily)
 
 __version__ = "0.1.0"
+
+hf.install()  # `import fips_kernels` makes AutoModel.from_pretrained(DIR) load FiPS directories
 
 __all__ = [
     "BackendUnavailable",
@@ -45,6 +50,9 @@ __all__ = [
     "SharedBase",
     "SparseFactor",
     "dispatch",
+    "empty_weights",
+    "from_pretrained",
+    "save_pretrained",
     "factorize_group",
     "fips_linear",
     "install",

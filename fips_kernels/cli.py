@@ -5,6 +5,7 @@
     fips-kernels bench [options]      the layer benchmark (CSV + summary); see ``fips-kernels bench -h``
     fips-kernels bench-e2e [options]  whole models (DeiT-B, Swin-L, a Llama MLP stack), dense vs FiPS vs peers
     fips-kernels bench-quality [MODEL]  quality per byte: FiPS vs RTN, HQQ, GPTQ, SparseGPT, Wanda, torchao
+    fips-kernels --version
 
 Also runs as ``python -m fips_kernels.cli``. Bad arguments print a one-line
 error and exit with status 2.
@@ -228,6 +229,7 @@ def _info(args: argparse.Namespace) -> int:
 
     import fips_kernels
     from . import _extension, dispatch
+    from .formats import Layout
     from .bench.env import driver_version, triton_version
     from .bench.layer import DTYPE_NAMES, DTYPES
     from .bench.shapes import PATTERNS, PRESETS, Pattern, preset_rank
@@ -288,19 +290,33 @@ def _info(args: argparse.Namespace) -> int:
     )
     for fmt, pattern, params in samples:
         r = preset_rank(preset, pattern)
-        problem = dispatch.Problem("expand", fmt, dtype, device, args.m, r, preset.h, preset.d, r,
-                                   meta=(r, preset.h, *params))
+        layout = Layout.from_meta(fmt, (r, preset.h, *params))
+        problem = dispatch.Problem.for_layer("expand", "expand", layout, dtype, device, args.m, preset.d)
         label = pattern.name if fmt != "nm" else f"{pattern.name} (n:m)"
         print(f"\n[{fmt}] {label}, r={r}: factor K={r} x N={preset.h}")
-        print(dispatch.explain(problem))
+        print(_what_a_call_does(problem))
     return 0
+
+
+def _what_a_call_does(problem) -> str:
+    """Which backend a call would run, as a call decides it: with a forced backend, that one or the error
+    the call raises (explain alone ranks the backends as if none were forced)."""
+    from . import dispatch
+
+    try:
+        forced = dispatch.forced_backend()
+        chosen = dispatch.select(problem).name
+    except dispatch.BackendUnavailable as exc:
+        return "error: a call raises BackendUnavailable: " + str(exc).replace("\n", "\n" + " " * 7)
+    return dispatch.explain(problem) if forced is None else f"{chosen:10s} runs (forced)"
 
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="versions, CUDA extension, GPU, and which backend runs a sample layer",
                        description="Print versions, whether the CUDA extension loaded, the GPU, and for a "
                                    "DeiT-B expand layer in each factor format which backend runs and why "
-                                   "the others cannot.")
+                                   "the others cannot (with a forced backend: that one, or the error a call "
+                                   "raises).")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", help="fp16 (default on a GPU), bf16, fp32 (default on the CPU)")
     p.add_argument("--m", type=int, default=1, help="rows of x of the sample problem (default 1)")
@@ -339,7 +355,10 @@ def _add_compress(sub) -> None:
 # ---------------------------------------------------------------- entry point
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog=PROG, description="fips_kernels: compressed FiPS linear layers.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_bench(sub)
     _add_bench_e2e(sub)

@@ -105,8 +105,9 @@ def tokens(n=40, t=6, d=32, seed=1):
 DIST_KW = dict(group_size=1, steps=20, prune_every=5, lr=3e-3, progress=False, seed=3)
 
 
-def dist_worker(rank, world, init_file, out_dir):
-    """One rank of the two-process (gloo, CPU) test: compress plain_vit and save the state."""
+def dist_worker(rank, world, init_file, out_dir, weights_per_rank=False):
+    """One rank of the two-process (gloo, CPU) tests: compress plain_vit and save the state and
+    report, or the error (``weights_per_rank``: each rank builds its own random weights)."""
     import json
     import os
 
@@ -118,10 +119,14 @@ def dist_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         with fk.use_backend("reference"):
-            model, report = fk.compress(plain_vit(), calib_data=tokens(), **DIST_KW)
+            model, report = fk.compress(plain_vit(seed=rank if weights_per_rank else 0), calib_data=tokens(),
+                                        **DIST_KW)
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(report.to_dict(), f)
+    except ValueError as exc:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(f"{type(exc).__name__}: {exc}")
     finally:
         dist.destroy_process_group()

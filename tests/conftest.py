@@ -33,13 +33,11 @@ def _seed_and_clean_env(monkeypatch):
 
 @pytest.fixture
 def one_thread_reference():
-    """One thread (tiny ops; a shared CPU) and the reference backend (the kernels are
-    tested elsewhere). Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
-    from fips_kernels import use_backend
-
+    """Whole-model tests: one thread (tiny ops run far faster on a shared CPU) and the
+    reference backend (the kernels are tested elsewhere; the interpreter is slow)."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
-    with use_backend("reference"):
+    with dispatch.use_backend("reference"):
         yield
     torch.set_num_threads(old)
 

@@ -14,10 +14,11 @@ from fips_kernels.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cli(*args, timeout=120):
+def _cli(*args, timeout=120, **env_vars):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("FIPS_KERNELS_BACKEND", None)
+    env.update(env_vars)
     return subprocess.run([sys.executable, "-m", "fips_kernels.cli", *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -36,7 +37,7 @@ def test_info_names_versions_and_backends():
     assert "runs" in out and "Traceback" not in proc.stderr
     if not torch.cuda.is_available():
         assert "GPU: none" in out
-        assert "input is on cpu, not a CUDA device" in out  # the cuda backend says why it cannot run
+        assert "input is on cpu, not a cuda device" in out  # the cuda backend says why it cannot run
 
 
 def test_info_in_process(capsys):
@@ -91,3 +92,31 @@ def test_bench_list(capsys):
     for name in ("deit-b", "swin-l-s3", "llama3-8b", "semi_structured_24", "csr_rebuild", "two_gemm"):
         assert name in out
     assert "r=1365" in out  # DeiT-B unstructured at p = 0.5 (DESIGN §1)
+
+
+def test_version():
+    proc = _cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"fips-kernels {fips_kernels.__version__}"
+
+
+def test_info_shows_what_a_forced_backend_does():
+    """Forced and unable to run: the error a call raises, with its reasons, for every sample; forced and
+    able: that backend runs, whatever the priority order says."""
+    cannot = _cli("info", "--device", "cpu", FIPS_KERNELS_BACKEND="cuda")
+    assert cannot.returncode == 0, cannot.stderr
+    assert cannot.stdout.count("error: a call raises BackendUnavailable: backend 'cuda' was forced but cannot "
+                               "run expand") == 4
+    assert "input is on cpu, not a cuda device" in cannot.stdout and "runs (forced)" not in cannot.stdout
+    forced = _cli("info", "--device", "cpu", FIPS_KERNELS_BACKEND="reference")
+    assert forced.stdout.count("reference  runs (forced)") == 4 and "error" not in forced.stdout
+    assert "Traceback" not in cannot.stderr + forced.stderr
+
+
+def test_info_follows_use_backend_and_names_a_bad_variable(capsys, monkeypatch):
+    with dispatch.use_backend("cuda"):
+        assert main(["info", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "(forced: cuda)" in out and out.count("error: a call raises BackendUnavailable") == 4
+    monkeypatch.setenv("FIPS_KERNELS_BACKEND", "nope")
+    assert main(["info", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.count("FIPS_KERNELS_BACKEND='nope' is not a backend") == 5  # header + samples

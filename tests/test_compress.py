@@ -13,21 +13,14 @@ import fips_kernels as fk
 from fips_kernels.compress import api, calibration, schedule
 from fips_kernels.compress.presets import Preset, PresetError, find_preset, find_units, make_groups
 from fips_kernels.compress.state import ResumeError
-from fips_kernels.modules import stored_values
+from fips_kernels.budget import stored_values
 
 from compress_models import PlainViT, plain_vit, tokens
 
 SMALL = dict(steps=30, prune_every=10, progress=False, batch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_reference_backend():
-    # tiny ops: one thread is fastest (and, on a shared CPU, far faster than several)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with fk.use_backend("reference"):  # the kernels are tested elsewhere; the interpreter is slow
-        yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_reference")
 
 
 def _fips_layers(model):
@@ -387,7 +380,8 @@ def test_checkpoint_round_trips(compressed, tmp_path):
     fresh = fk.load(path, plain_vit(seed=123))
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
-    assert fresh.blocks[3].mlp.fc2.base is fresh.fips_bases["1"]
+    base = fresh.blocks[3].mlp.fc2.base  # registered once, on the first layer of its group
+    assert [n for n, m in fresh.named_modules() if m is base] == ["blocks.2.mlp.fc1.shared_base"]
 
 
 # ---------------------------------------------------------------- resume

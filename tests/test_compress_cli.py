@@ -17,13 +17,7 @@ WORDS = ("the a an of to in on and is was it that train river city music light w
          "small large old new good long high first last many most some other").split()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_reference_backend():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with fk.use_backend("reference"):
-        yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_reference")
 
 
 @pytest.fixture
@@ -220,3 +214,134 @@ def test_cli_ratio_errors(bert_dir, tmp_path, capsys):
                        "--steps", "2", "--no-progress", *extra])
         err = capsys.readouterr().err
         assert rc == 2 and message in err, (extra, err)
+
+
+def _cli_subprocess(*args, timeout=300):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("FIPS_KERNELS_BACKEND", None)
+    env.pop("TRITON_INTERPRET", None)  # as a user runs it: the CPU evaluation on the reference backend
+    return subprocess.run([sys.executable, "-m", "fips_kernels.cli", "compress", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """The checks under test must refuse before any model is loaded."""
+    from fips_kernels.compress import command
+
+    def load_model(*a, **k):
+        raise AssertionError("the model was loaded before the bad argument was refused")
+
+    monkeypatch.setattr(command, "load_model", load_model)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--out", "{tmp}"], "--out {tmp} is a folder that is neither empty nor a FiPS model directory; give a new "
+                         "or empty folder (or a .safetensors file)"),
+    (["--out", "{tmp}/missing/new/"], "--out {tmp}/missing/new/: the folder {tmp}/missing does not exist"),
+    (["--out", "{tmp}/file.txt"], "--out {tmp}/file.txt is a file; a path without .safetensors names a model "
+                                  "directory to write"),
+    (["--out", "{tmp}/missing/m.safetensors"], "the folder {tmp}/missing does not exist; create it first"),
+    (["--out", "{tmp}/file.txt/m.safetensors"], "{tmp}/file.txt is a file, not a folder"),
+    (["--out", "{tmp}/m.safetensors", "--report", "{tmp}"], "--report {tmp} is a folder"),
+    (["--out", "{tmp}/m.safetensors", "--state-dir", "{tmp}/file.txt"], "the state folder {tmp}/file.txt is a file"),
+    (["--out", "{tmp}/m.safetensors", "--state-dir", "{tmp}/file.txt/state"], "{tmp}/file.txt is a file"),
+    (["--out", "{tmp}/m.safetensors", "--data", "{tmp}/m.safetensors"], "--out {tmp}/m.safetensors is also the "
+                                                                        "--data path"),
+    (["--out", "{tmp}/m.safetensors", "--report", "{tmp}/m.safetensors"], "--report {tmp}/m.safetensors is also "
+                                                                          "the --out path"),
+])
+def test_bad_outputs_are_refused_before_the_model_is_loaded(argv, words, tmp_path, no_model_loading, capsys):
+    (tmp_path / "file.txt").write_text("x")
+    tmp = str(tmp_path)
+    assert cli.main(["compress", *[a.format(tmp=tmp) for a in argv]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fips-kernels compress: error:") and words.format(tmp=tmp) in err, err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--steps", "-3"], "--steps -3 is out of range: it must be >= 0"),
+    (["--budget", "1.5"], "--budget 1.5 is out of range: it must be in (0, 1]"),
+    (["--holdout", "1"], "--holdout 1.0 is out of range: it must be in [0, 1)"),
+    (["--num-samples", "1"], "--num-samples 1 is out of range: it must be >= 2"),
+    (["--prune-every", "0"], "--prune-every 0 is out of range: it must be >= 1"),
+    (["--threads", "0"], "--threads 0 is out of range: it must be >= 1"),
+    (["--input-size", "32"], "--input-size is for timm image models; all-MiniLM-L6-v2 is a Hugging Face model"),
+    (["--no-pretrained"], "--no-pretrained is for timm image models"),
+    (["--device", "tpu"], "--device 'tpu' is not a device; use cpu or cuda"),
+    (["--blocks", "(", "--linears", "mlp.fc1:expand"], "preset 'custom': blocks='(' is not a regular expression"),
+])
+def test_bad_arguments_say_what_is_allowed(argv, words, tmp_path, no_model_loading, capsys):
+    assert cli.main(["compress", "--out", str(tmp_path / "m.safetensors"), *argv]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_an_existing_folder_as_out_is_one_line_in_a_subprocess(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model directory")  # never overwritten
+    proc = _cli_subprocess("--out", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"fips-kernels compress: error: --out {tmp_path} is a folder that is neither empty nor a FiPS model "
+        f"directory; give a new or empty folder (or a .safetensors file)"]
+
+
+def test_short_runs_prune_gradually_and_an_explicit_jump_is_warned(capsys):
+    from types import SimpleNamespace
+
+    from fips_kernels.compress.command import prune_every
+
+    args = SimpleNamespace(pattern="unstructured", pruning="gmp")
+    assert prune_every(None, 600, args, print) == 50 and prune_every(None, 200, args, print) == 50
+    assert capsys.readouterr().out == ""  # the defaults the measured runs used are unchanged
+    assert prune_every(None, 20, args, print) == 5  # pruning ends at step 15: masks at 0, 5, 10, 15
+    assert "masks updated every 5 steps instead of every 50 steps" in capsys.readouterr().out
+    assert prune_every(50, 20, args, print) == 50
+    err = capsys.readouterr().err
+    assert "warning: --prune-every 50 with --steps 20" in err and "jumps from dense to final" in err
+    assert prune_every(5, 20, args, print) == 5 and capsys.readouterr().err == ""
+
+
+def test_a_run_says_what_it_did(bert_dir, tmp_path):
+    """--no-progress silences the loading bars too; the real group size; the report's losses named."""
+    data = _text_file(tmp_path / "calib.txt", n=16)
+    out = tmp_path / "m.safetensors"
+    proc = _cli_subprocess(str(bert_dir), "--data", str(data), "--out", str(out), "--steps", "3", "--group-size",
+                           "100", "--prune-every", "50", "--no-progress", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "groups of 4 (group size 100; a group ends with its stage)" in proc.stdout
+    assert "Loading weights" not in proc.stderr and "it/s]" not in proc.stderr  # transformers' bar
+    assert ("warning: --prune-every 50 with --steps 3: the masks change only at step 0 and when pruning ends "
+            "(step 2), so the sparsity jumps from dense to final in one step; --prune-every 1 prunes gradually"
+            ) in proc.stderr.splitlines()
+    group = json.loads((tmp_path / "m.report.json").read_text())["groups"][0]
+    assert {"train_loss_first_step", "train_loss_last_step"} <= set(group) and "loss_first" not in group
+    legend = json.loads((tmp_path / "m.report.json").read_text())["legend"]
+    assert "before any update" in legend["train_loss_first_step"]
+
+
+def test_a_failure_after_training_says_how_to_resume(bert_dir, tmp_path, monkeypatch, capsys):
+    from fips_kernels import io
+
+    data = _text_file(tmp_path / "calib.txt", n=16)
+    out = tmp_path / "m.safetensors"
+    args = ["compress", str(bert_dir), "--data", str(data), "--out", str(out), "--steps", "2", "--group-size", "2",
+            "--no-progress", "--resume"]
+
+    def disk_full(model, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io, "save", disk_full)
+    assert cli.main(args) == 1
+    captured = capsys.readouterr()
+    assert f"--resume: no earlier run in {tmp_path / 'm.state'}; starting fresh" in captured.out
+    assert (f"fips-kernels compress: error: writing {out} or {tmp_path / 'm.report.json'} failed (OSError: "
+            f"[Errno 28] No space left on device); the 2 finished groups are kept in {tmp_path / 'm.state'}: run "
+            f"the same command with --resume") in captured.err
+    monkeypatch.undo()
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.count("(resumed)") == 2 and out.exists()

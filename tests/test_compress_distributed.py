@@ -50,3 +50,15 @@ def test_two_processes_equal_one(tmp_path):
     assert [g["process"] for g in reports[1]["groups"]] == processes
     assert [g["errors_final"] for g in reports[0]["groups"]] == [g.errors_final for g in single_report.groups]
     assert reports[0]["end_to_end"] == reports[1]["end_to_end"]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo "
+                    "is not available in this torch build")
+def test_ranks_with_different_weights_are_refused(tmp_path):
+    """Each rank draws its own random weights: every rank refuses before training, with one message."""
+    mp.spawn(dist_worker, args=(2, str(tmp_path / "store"), str(tmp_path), True), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert not (tmp_path / f"rank{rank}.pt").exists()
+        err = (tmp_path / f"rank{rank}.err").read_text()
+        assert err.startswith("RankMismatchError: compress: the processes hold different weights: rank 1 differs "
+                              "from rank 0"), err

@@ -16,13 +16,7 @@ import compress_models as cm
 SMALL = dict(steps=40, prune_every=10, progress=False, lr=3e-3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_reference_backend():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with fk.use_backend("reference"):  # the kernels are tested elsewhere; the interpreter is slow
-        yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_reference")
 
 
 def _needs(module):

@@ -30,6 +30,11 @@ needs_extension = pytest.mark.skipif(
 )
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+
+def on_gpu(test):
+    """The op on CUDA tensors: needs the extension and a GPU (and is marked gpu)."""
+    return needs_extension(needs_gpu(pytest.mark.gpu(test)))
+
 NM_PATTERNS = [(1, 4), (2, 4), (2, 8), (1, 2), (4, 16), (3, 8), (1, 16), (16, 16), (2, 2)]
 NM_IDS = [f"{n}:{m}" for n, m in NM_PATTERNS]
 BITS = {2: 1, 4: 2, 8: 4, 16: 4}
@@ -412,9 +417,7 @@ def _assert_matches_cpu(out, U, values, indices, K, N, n, m, contract):
     assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}"
 
 
-@needs_extension
-@needs_gpu
-@pytest.mark.gpu
+@on_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("contract", [False, True], ids=["expand", "contract"])
 @pytest.mark.parametrize("n, m", [(1, 4), (2, 4), (2, 8)], ids=["1:4", "2:4", "2:8"])
@@ -427,9 +430,7 @@ def test_cuda_matches_cpu_large(dtype, contract, n, m):
     _assert_matches_cpu(out, U, values, indices, K, N, n, m, contract)
 
 
-@needs_extension
-@needs_gpu
-@pytest.mark.gpu
+@on_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("contract", [False, True], ids=["expand", "contract"])
 @pytest.mark.parametrize("n, m", NM_PATTERNS, ids=NM_IDS)
@@ -440,9 +441,7 @@ def test_cuda_matches_cpu_small(d, K, N, n, m, contract, dtype):
     _assert_matches_cpu(out, U, values, indices, K, N, n, m, contract)
 
 
-@needs_extension
-@needs_gpu
-@pytest.mark.gpu
+@on_gpu
 @pytest.mark.parametrize("contract", [False, True], ids=["expand", "contract"])
 def test_cuda_padding_rows_noncontiguous_and_empty(contract):
     d, K, N, n, m = 70, 13, 9, 2, 8
@@ -461,9 +460,7 @@ def test_cuda_padding_rows_noncontiguous_and_empty(contract):
     torch.cuda.synchronize()
 
 
-@needs_extension
-@needs_gpu
-@pytest.mark.gpu
+@on_gpu
 def test_cuda_device_mismatch_raises():
     args = _good_args()
     args[0] = args[0].cuda()
@@ -471,9 +468,7 @@ def test_cuda_device_mismatch_raises():
         _op()(*args)
 
 
-@needs_extension
-@needs_gpu
-@pytest.mark.gpu
+@on_gpu
 @pytest.mark.parametrize("contract", [False, True], ids=["expand", "contract"])
 def test_cuda_graph_capture(contract):
     d, K, N, n, m = 300, 517, 259, 1, 4

@@ -14,7 +14,12 @@ from fips_kernels.modules import FiPSGatedMLP, fusion_report
 
 import compress_models as cm
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _inference():
+    with torch.no_grad():
+        yield
 
 
 class OpRecorder(TorchDispatchMode):
@@ -151,3 +156,31 @@ def test_fused_models_round_trip_through_checkpoints(tmp_path, family):
     calls_model, y_model = _record(model, *args, **kwargs)
     assert calls == calls_model  # the fusions came back with the layers
     torch.testing.assert_close(_outputs(y), _outputs(y_model), rtol=0, atol=0)
+
+
+def test_compress_reports_the_fusion_and_takes_a_config():
+    pytest.importorskip("transformers")
+    with torch.enable_grad():
+        config = fk.compress.CompressConfig(budget=0.6, pattern="1:4", group_size=2, steps=2, prune_every=1,
+                                            seed=1)
+        with fk.use_backend("reference"):
+            model, report = fk.compress(cm.tiny_llama(layers=2), config, calib_data=cm.token_batches(3),
+                                        progress=False)
+            again, report_kw = fk.compress(cm.tiny_llama(layers=2), budget=0.6, pattern="1:4", group_size=2,
+                                           steps=2, prune_every=1, seed=1, calib_data=cm.token_batches(3),
+                                           progress=False)
+    assert report.fusion["gate_up"] == 2 and "2 gate/up pairs on one op" in str(report)
+    assert report.to_dict()["fusion"] == report.fusion
+    for k, v in model.state_dict().items():  # the config is the same call as its keywords
+        assert torch.equal(v, again.state_dict()[k]), k
+    assert report.to_dict()["config"] == report_kw.to_dict()["config"]
+
+
+def test_compress_config_matches_the_function_defaults():
+    import dataclasses
+    import inspect
+
+    params = inspect.signature(fk.compress.api.compress).parameters
+    for f in dataclasses.fields(fk.compress.CompressConfig):
+        assert f.name in params, f"CompressConfig.{f.name} is not a compress() argument"
+        assert params[f.name].default == f.default, f.name

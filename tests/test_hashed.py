@@ -112,6 +112,23 @@ def test_bad_specs_are_refused():
         mapping.HashSpec.from_list(bad)
 
 
+@pytest.mark.parametrize("call, match", [
+    (lambda: convert_model(nn.Sequential(nn.Linear(8, 8)), size=0), "convert_model: size must be >= 1 slot, got 0"),
+    (lambda: convert_model(nn.Sequential(nn.Linear(8, 8)), size=-3), "convert_model: size must be >= 1 slot"),
+    (lambda: convert_model(nn.Sequential(nn.Linear(8, 8)), size=2.5), "convert_model: size must be an integer"),
+    (lambda: convert_model(nn.Sequential(nn.Linear(8, 8)), size=True), "convert_model: size must be an integer"),
+    (lambda: convert_model(nn.Sequential(nn.Linear(8, 8)), size=8, align=0), "convert_model: align must be"),
+    (lambda: HashedMemory(2.5), "HashedMemory: size must be an integer, got 2.5"),
+    (lambda: HashedLinear(8, 8, size=7.9), "HashedMemory: size must be an integer"),
+    (lambda: HashedMemory(8, seed=1.5), "seed must be an integer, got 1.5"),
+    (lambda: HashedMemory(64, method="roast", tile=(1.5, 64)), "tile must be an integer"),
+])
+def test_values_int_would_change_are_refused(call, match):
+    # each used to become something else silently: a 1-slot memory, 2 slots, seed 1, a 1x64 tile
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
 def _memory_with(method, shapes, m, **kw):
     mem = HashedMemory(m, method=method, **kw)
     layers = [HashedLinear(i, o, memory=mem) for o, i in shapes]

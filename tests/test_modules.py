@@ -9,7 +9,7 @@ from torch import nn
 
 import fips_kernels as fk
 from fips_kernels import reference
-from fips_kernels.modules import stored_values
+from fips_kernels.budget import stored_values
 
 from conftest import rel_err
 

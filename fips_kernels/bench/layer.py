@@ -378,10 +378,7 @@ def _sweep_group(config, preset, pattern, common, bw, peak, emit, bar) -> None:
 def _dispatched_backend(layer, M: int) -> str:
     from .. import dispatch
 
-    f = layer.factor
-    p = dispatch.Problem(layer.kind, f.format, f.dtype, layer.U.device, M, *f.shape, *layer.U.shape,
-                         tuple(int(v) for v in f.meta), "", layer.base.quantized)
-    return dispatch.select(p).name
+    return dispatch.select(layer.dispatch_problem(M)).name
 
 
 def _sweep_layers(config, preset, pattern, common, itemsize, bw, peak, emit, bar) -> None:

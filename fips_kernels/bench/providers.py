@@ -113,11 +113,7 @@ def factored_flops(case: LayerCase, M: int) -> int:
 
 def _problem(case: LayerCase, M: int) -> dispatch.Problem:
     """The problem the op builds when the layer runs on ``M`` rows (see ``ops.py``)."""
-    factor = case.factor
-    K, N = factor.shape
-    return dispatch.Problem(case.kind, factor.format, case.dtype, case.device, M, K, N, case.preset.d,
-                            case.rank, meta=tuple(int(v) for v in factor.meta),
-                            base_quantized=case.layer.base.quantized)
+    return case.layer.dispatch_problem(M)
 
 
 def _dense_V(case: LayerCase) -> torch.Tensor:

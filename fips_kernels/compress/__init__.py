@@ -23,13 +23,14 @@ import sys as _sys
 import types as _types
 
 from .api import compress
+from .config import CompressConfig
 from .calibration import (CalibrationError, as_batches, builtin_texts, image_folder_batches, read_text_file,
                           text_batches)
 from .presets import PRESETS, GroupSpec, Preset, PresetError, Unit, find_preset, find_units, make_groups
 from .report import CompressionReport, GroupReport
 from .state import ResumeError
 
-__all__ = ["compress", "Preset", "PRESETS", "PresetError", "find_preset", "find_units", "make_groups", "Unit",
+__all__ = ["compress", "CompressConfig", "Preset", "PRESETS", "PresetError", "find_preset", "find_units", "make_groups", "Unit",
            "GroupSpec", "CompressionReport", "GroupReport", "ResumeError", "CalibrationError", "as_batches",
            "text_batches", "read_text_file", "builtin_texts", "image_folder_batches"]
 

@@ -25,8 +25,9 @@ from torch import nn
 
 from ..budget import group_rank, resolve_sparsity
 from ..formats import PATTERN_FORMATS, QUANT_FORMATS, FormatError
-from ..modules import install
+from ..modules import fusion_report, install
 from . import calibration, distributed, finetune
+from .config import CompressConfig, merge
 from .factors import pack_group
 from .ratio import plan_ratio
 from .presets import GroupSpec, Preset, find_units, make_groups, resolve_preset
@@ -34,7 +35,7 @@ from .report import CompressionReport, GroupReport, output_agreement
 from .state import ResumeState, weights_digest
 from .train import GroupResult, TrainConfig, train_group
 
-__all__ = ["compress"]
+__all__ = ["compress", "CompressConfig"]
 
 COMPRESS_PATTERNS = ("unstructured", "nm", "dense")  # the training schedules handle these kinds
 FACTOR_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -121,6 +122,9 @@ def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optiona
              prune_schedule: str = "cubic") -> Tuple[nn.Module, CompressionReport]:
     """Compress the MLPs of ``model`` with FiPS, in place; returns ``(model, report)``.
 
+    ``compress(model, config, calib_data=...)`` takes the settings as one
+    :class:`~.config.CompressConfig` instead (keywords given beside it override its fields).
+
     Args:
         model: a trained model (timm ViT/DeiT/Swin, a Hugging Face BERT-family encoder,
             Llama, Gemma, ... or anything a :class:`Preset` describes). Its MLP
@@ -199,6 +203,8 @@ def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optiona
             16-bit factors. The per-unit errors on the training batches are the fp32
             factors' (measured before packing).
     """
+    if isinstance(budget, CompressConfig):  # compress(model, config, ...): the config, then explicit keywords
+        return compress(model, **merge(compress, budget, {k: v for k, v in locals().items() if k != "model"}))
     t_start = time.perf_counter()
     factor_dtype = resolve_factor_dtype(factor_dtype)
     preset = resolve_preset(model, preset)
@@ -255,6 +261,7 @@ def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optiona
         train_batches, held = batches, calibration.as_batches(eval_data, batch_size)
     else:
         train_batches, held = calibration.split_holdout(batches, holdout)
+    distributed.check_same_inputs(model, [*train_batches, *held])  # every rank: the same model and data
     forward = forward or calibration.model_forward
     first = model.get_submodule(groups[0].linears[0])
     dtype, device = first.weight.dtype, first.weight.device
@@ -365,6 +372,7 @@ def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optiona
             install(model, fgroup, g.linears)
             report.groups.append(_group_report(g, res, fgroup, fmt, dtype, g.index in all_resumed))
         params_after = sum(p.numel() for p in model.parameters())
+        report.fusion = fusion_report(model)
         report.model_parameters = {"before": params_before, "after": params_after}
         report.calibration = {"train_batches": len(train_batches),
                               "train_samples": sum(calibration.batch_size_of(b) for b in train_batches),
@@ -445,5 +453,6 @@ def _group_report(spec: GroupSpec, res: GroupResult, fgroup, fmt: str, dtype, re
         dense_bytes=spec.dense_parameters * itemsize, bytes=fgroup.nbytes() - bias_bytes,
         errors_init=[dict(e, unit=u.name) for e, u in zip(res.errors_init, spec.units)],
         errors_final=[dict(e, unit=u.name) for e, u in zip(res.errors_final, spec.units)],
-        loss_first=res.losses[0][1] if res.losses else None, loss_last=res.losses[-1][1] if res.losses else None,
+        train_loss_first_step=res.losses[0][1] if res.losses else None,
+        train_loss_last_step=res.losses[-1][1] if res.losses else None,
         seconds=res.seconds, resumed=resumed, process=res.process)

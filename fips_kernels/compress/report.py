@@ -8,6 +8,12 @@ for classifiers) and the time taken.
 Parameters and bytes count the factorised weights (``d·r + Σ stored values``
 against ``Σ d·h``); the MLP biases are kept dense and unchanged in size and
 are not counted on either side.
+
+What each error and loss is measured on is in :data:`LEGEND`, which the JSON
+report carries under ``"legend"``. ``train_loss_first_step`` and
+``train_loss_last_step`` were called ``loss_first`` and ``loss_last`` before
+(renamed because they read as if training made things worse: the first is
+taken before GMP has pruned anything).
 """
 from __future__ import annotations
 
@@ -18,7 +24,19 @@ from typing import Dict, List, Optional
 
 import torch
 
-__all__ = ["GroupReport", "CompressionReport", "output_agreement"]
+__all__ = ["GroupReport", "CompressionReport", "output_agreement", "LEGEND"]
+
+LEGEND = {
+    "errors_init": "per unit: MSE and relative error |y_hat - y| / |y| against the original unit's output, over "
+                   "all training batches, at the SVD init with magnitude masks at the final sparsity (no training)",
+    "errors_final": "the same after training, with the final masks",
+    "train_loss_first_step": "training loss (sum over the group's units of the MSE) on the one calibration batch "
+                             "of the first step, before any update, with that step's masks: under the gradual "
+                             "GMP schedule nothing is pruned yet, so it is usually the lowest loss of the run",
+    "train_loss_last_step": "training loss on the one calibration batch of the last step, with the final masks "
+                            "(errors_final covers all training batches)",
+    "end_to_end": "the model's final outputs against the original model's, on the held-back batches",
+}
 
 
 @dataclass
@@ -37,8 +55,8 @@ class GroupReport:
     bytes: int
     errors_init: List[Dict[str, float]]
     errors_final: List[Dict[str, float]]
-    loss_first: Optional[float] = None
-    loss_last: Optional[float] = None
+    train_loss_first_step: Optional[float] = None  # what each is measured on: LEGEND
+    train_loss_last_step: Optional[float] = None
     seconds: float = 0.0
     resumed: bool = False
     process: int = 0  # the rank that trained (or resumed) the group
@@ -65,6 +83,7 @@ class CompressionReport:
     calibration: Dict[str, int] = field(default_factory=dict)
     model_parameters: Dict[str, int] = field(default_factory=dict)
     seconds: Dict[str, float] = field(default_factory=dict)
+    fusion: Dict[str, object] = field(default_factory=dict)  # modules.fusion_report of the compressed model
 
     # ---- totals ------------------------------------------------------------
     @property
@@ -95,7 +114,7 @@ class CompressionReport:
                            "bytes_ratio": self.bytes / self.dense_bytes if self.dense_bytes else None},
                 "groups": [g.to_dict() for g in self.groups], "end_to_end": self.end_to_end,
                 "calibration": self.calibration, "model_parameters": self.model_parameters,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "fusion": self.fusion, "legend": LEGEND}
 
     def to_json(self, path: Optional[os.PathLike] = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
@@ -110,7 +129,7 @@ class CompressionReport:
         pattern = c.get("pattern")
         lines = [
             f"FiPS compression of {self.model} (preset {self.preset}, unit {self.unit}): budget {c.get('budget'):.4g}, "
-            f"{pattern} (s={c.get('sparsity')}, {c.get('format')}), groups of {c.get('group_size')}, "
+            f"{pattern} (s={c.get('sparsity')}, {c.get('format')}), groups of {self._group_sizes()}, "
             f"{c.get('steps')} steps, {c.get('pruning')} ({c.get('mask_scope')}), seed {c.get('seed')}"
             + (f", factor dtype {c['factor_dtype']}" if c.get("factor_dtype", "float32") != "float32" else "")
             + (f", int{c['qbits']} values (scale per {c.get('qgroup')})" if c.get("qbits") else "")
@@ -147,12 +166,29 @@ class CompressionReport:
             if a.get("top1_agreement") is not None:
                 text += f"; top-1 agreement {a['top1_agreement']:.4f}"
             lines.append(text)
+        f = self.fusion
+        if f:
+            text = (f"fused: {f.get('activation_epilogues', 0)} activation epilogues (GELU/SiLU in the expand "
+                    f"kernel), {f.get('gate_up', 0)} gate/up pairs on one op")
+            for mlp, why in (f.get("not_fused") or {}).items():
+                text += f"; {mlp} not fused: {why}"
+            lines.append(text)
         if self.seconds:
             lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.format()
+
+    def _group_sizes(self) -> str:
+        """The sizes the groups have (a group stops at the end of a stage, so a requested size
+        larger than a stage is not what the model gets)."""
+        asked = self.config.get("group_size")
+        sizes = sorted({len(g.units) for g in self.groups}, reverse=True)
+        if not sizes:
+            return str(asked)
+        text = " and ".join(map(str, sizes))
+        return text if asked in sizes else f"{text} (group size {asked}; a group ends with its stage)"
 
 
 def _mb(n: int) -> str:

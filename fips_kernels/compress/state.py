@@ -89,7 +89,15 @@ class ResumeState:
         return os.path.join(self.directory, f"group_{index:04d}.safetensors")
 
     def finished(self) -> List[int]:
-        return sorted(int(fn[6:10]) for fn in os.listdir(self.directory)
+        return self.finished_in(self.directory)
+
+    @staticmethod
+    def finished_in(directory: os.PathLike) -> List[int]:
+        """Indices of the finished groups in ``directory`` (none when it does not exist)."""
+        directory = os.fspath(directory)
+        if not os.path.isdir(directory):
+            return []
+        return sorted(int(fn[6:10]) for fn in os.listdir(directory)
                       if fn.startswith("group_") and fn.endswith(".safetensors") and fn[6:10].isdigit())
 
     def save(self, result: GroupResult, digest: str) -> None:

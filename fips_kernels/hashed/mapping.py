@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import struct
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -215,8 +216,20 @@ def make_spec(method: str, out_features: int, in_features: int, size: int, *, la
         tile, sign = (1, 1), False
     elif sign is None:
         sign = True
-    return HashSpec(method, int(out_features), int(in_features), int(size), int(layer_index), int(offset),
-                    (int(tile[0]), int(tile[1])), int(align), bool(sign), int(seed), coefficients(int(seed)))
+    if len(tile) != 2:
+        raise ValueError(f"hashed mapping: tile must be two integers (TO, TI), got {tile!r}")
+    tile = (integer("tile", tile[0]), integer("tile", tile[1]))
+    seed = integer("seed", seed)
+    return HashSpec(method, integer("out_features", out_features), integer("in_features", in_features),
+                    integer("size", size), integer("layer_index", layer_index), integer("offset", offset), tile,
+                    integer("align", align), bool(sign), seed, coefficients(seed))
+
+
+def integer(name: str, value, where: str = "hashed mapping") -> int:
+    """``value`` as an int, refusing what ``int()`` would silently change (2.5, True)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{where}: {name} must be an integer, got {value!r}")
+    return int(value)
 
 
 # ---------------------------------------------------------------- torch (vectorised, exact int64)

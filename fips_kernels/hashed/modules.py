@@ -56,7 +56,7 @@ class HashedMemory(nn.Module):
                  align: int = 1, sign: Optional[bool] = None, init_range: float = 1.0,
                  dtype: Optional[torch.dtype] = None, device=None):
         super().__init__()
-        size = int(size)
+        size = mapping.integer("size", size, "HashedMemory")
         if method not in mapping.METHODS:
             raise ValueError(f"HashedMemory: method must be one of {mapping.METHODS}, got {method!r}")
         # validate the parameters once with a 1×1 layer
@@ -367,6 +367,11 @@ def convert_model(model: nn.Module, budget: Optional[float] = None, *, size: Opt
     """
     if (budget is None) == (size is None):
         raise ValueError("convert_model: give exactly one of budget= (fraction of the weights) or size= (slots)")
+    align = mapping.integer("align", align, "convert_model")
+    if align < 1:
+        raise ValueError(f"convert_model: align must be a power of two >= 1, got {align}")
+    if size is not None and mapping.integer("size", size, "convert_model") < 1:  # else rounded up to 1 slot
+        raise ValueError(f"convert_model: size must be >= 1 slot, got {size}")
     targets: List[Tuple[str, nn.Module]] = []
     for name, mod in model.named_modules():
         if isinstance(mod, HashedLayer):
@@ -392,7 +397,7 @@ def convert_model(model: nn.Module, budget: Optional[float] = None, *, size: Opt
             raise ValueError(f"convert_model: budget must be > 0, got {budget}")
         size = _round_size(budget * n, align)
     else:
-        size = _round_size(int(size), align)
+        size = _round_size(size, align)
     first = targets[0][1].weight
     memory = HashedMemory(size, method=method, seed=seed, tile=tile, align=align, sign=sign, init_range=init_range,
                           dtype=dtype or first.dtype, device=device or first.device)

@@ -243,11 +243,14 @@ def _grad_weight_kernel(g_ptr, stride_gm, stride_go, x_ptr, stride_xm, stride_xi
 
 
 @triton.jit
-def _gather_kernel(mem_ptr, out_ptr, stride_oo, stride_oi, OUT, IN, MSIZE, L0, CHOICES, K0, K1, OJ, K4, K5, SJ,
-                   scale, METHOD: tl.constexpr, TO: tl.constexpr, TI: tl.constexpr, ALIGN: tl.constexpr,
-                   SIGN: tl.constexpr, WIDE: tl.constexpr, HINTS: tl.constexpr,
-                   BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
-    """``W = scale · s ⊙ mem[idx]`` (materialised; for ``.weight`` and large-M calls)."""
+def _weight_tile_kernel(mem_ptr, w_ptr, stride_wo, stride_wi, OUT, IN, MSIZE, L0, CHOICES, K0, K1, OJ, K4, K5, SJ,
+                        scale, METHOD: tl.constexpr, TO: tl.constexpr, TI: tl.constexpr, ALIGN: tl.constexpr,
+                        SIGN: tl.constexpr, WIDE: tl.constexpr, HINTS: tl.constexpr, SCATTER: tl.constexpr,
+                        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    """One ``(BLOCK_O × BLOCK_I)`` tile of the weight and its hashed slots: gather
+    ``W = scale · s ⊙ mem[idx]`` into ``w_ptr`` (for ``.weight`` and large-M calls), or
+    with ``SCATTER`` atomically add ``scale · s ⊙ dW`` (read from ``w_ptr``) into the
+    fp32 array gradient at ``mem_ptr``."""
     offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     col0 = tl.program_id(1) * BLOCK_I
     offs_i = col0 + tl.arange(0, BLOCK_I)
@@ -255,31 +258,17 @@ def _gather_kernel(mem_ptr, out_ptr, stride_oo, stride_oi, OUT, IN, MSIZE, L0, C
     s0, s1, s2 = _row_state(offs_o, L0, IN, MSIZE, K0, K1, CHOICES, METHOD, TO, TI, ALIGN, WIDE)
     idx, sgn = _tile_idx(s0, s1, s2, col0, offs_i, MSIZE, K0, K1, OJ, K4, K5, SJ, CHOICES,
                          METHOD, TI, ALIGN, SIGN, WIDE, HINTS)
-    w = tl.load(mem_ptr + idx, mask=mask, other=0.0).to(tl.float32) * scale
-    if SIGN:
-        w = tl.where(sgn[:, None] < 0, -w, w)
-    tl.store(out_ptr + offs_o[:, None] * stride_oo + offs_i[None, :] * stride_oi,
-             w.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _scatter_kernel(gw_ptr, stride_go, stride_gi, out_ptr, OUT, IN, MSIZE, L0, CHOICES, K0, K1, OJ, K4, K5, SJ,
-                    scale, METHOD: tl.constexpr, TO: tl.constexpr, TI: tl.constexpr, ALIGN: tl.constexpr,
-                    SIGN: tl.constexpr, WIDE: tl.constexpr, HINTS: tl.constexpr,
-                    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
-    """Atomic scatter-add of a given ``dW`` into the fp32 array gradient."""
-    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
-    col0 = tl.program_id(1) * BLOCK_I
-    offs_i = col0 + tl.arange(0, BLOCK_I)
-    mask = (offs_o < OUT)[:, None] & (offs_i < IN)[None, :]
-    s0, s1, s2 = _row_state(offs_o, L0, IN, MSIZE, K0, K1, CHOICES, METHOD, TO, TI, ALIGN, WIDE)
-    idx, sgn = _tile_idx(s0, s1, s2, col0, offs_i, MSIZE, K0, K1, OJ, K4, K5, SJ, CHOICES,
-                         METHOD, TI, ALIGN, SIGN, WIDE, HINTS)
-    v = tl.load(gw_ptr + offs_o[:, None] * stride_go + offs_i[None, :] * stride_gi, mask=mask,
-                other=0.0).to(tl.float32) * scale
+    w_ptrs = w_ptr + offs_o[:, None] * stride_wo + offs_i[None, :] * stride_wi
+    if SCATTER:
+        v = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) * scale
+    else:
+        v = tl.load(mem_ptr + idx, mask=mask, other=0.0).to(tl.float32) * scale
     if SIGN:
         v = tl.where(sgn[:, None] < 0, -v, v)
-    tl.atomic_add(out_ptr + idx, v, mask=mask)
+    if SCATTER:
+        tl.atomic_add(mem_ptr + idx, v, mask=mask)
+    else:
+        tl.store(w_ptrs, v.to(w_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -519,9 +508,9 @@ def weight(memory: torch.Tensor, spec: HashSpec, scale: float, dtype: Optional[t
     out = torch.empty(OUT, IN, device=memory.device, dtype=dtype)
     b = blocks or Blocks(32, 32, 64)
     bi = _col_block(spec, b.k)
-    _gather_kernel[(triton.cdiv(OUT, b.n), triton.cdiv(IN, bi))](
+    _weight_tile_kernel[(triton.cdiv(OUT, b.n), triton.cdiv(IN, bi))](
         memory, out, out.stride(0), out.stride(1), OUT, IN, *_args(spec), float(scale), **_consts(spec, bi),
-        BLOCK_O=b.n, BLOCK_I=bi)
+        SCATTER=False, BLOCK_O=b.n, BLOCK_I=bi)
     return out
 
 
@@ -535,9 +524,9 @@ def scatter(grad_w: torch.Tensor, memory: torch.Tensor, spec: HashSpec, scale: f
     buf = torch.zeros(spec.size, device=grad_w.device, dtype=torch.float32)
     b = blocks or Blocks(32, 32, 64)
     bi = _col_block(spec, b.k)
-    _scatter_kernel[(triton.cdiv(OUT, b.n), triton.cdiv(IN, bi))](
-        grad_w, grad_w.stride(0), grad_w.stride(1), buf, OUT, IN, *_args(spec), float(scale),
-        **_consts(spec, bi), BLOCK_O=b.n, BLOCK_I=bi)
+    _weight_tile_kernel[(triton.cdiv(OUT, b.n), triton.cdiv(IN, bi))](
+        buf, grad_w, grad_w.stride(0), grad_w.stride(1), OUT, IN, *_args(spec), float(scale),
+        **_consts(spec, bi), SCATTER=True, BLOCK_O=b.n, BLOCK_I=bi)
     return buf.to(memory.dtype)
 
 
