@@ -17,8 +17,9 @@ it stores.
   ``|w| · ‖x_j‖`` per output row, no update;
 * :func:`hqq_weight` — HQQ (the ``hqq`` package's own quantiser: half-quadratic
   optimisation of the zero point and scale), fp16 scale and zero per group;
-* :func:`torchao_weight` — torchao's weight-only int8 / int4 configs, applied
-  to a copy of the layer, where they run on the CPU.
+* :func:`torchao_weight` — torchao's weight-only configs applied to a copy of
+  the layer: ``Int8WeightOnlyConfig``, and ``IntxWeightOnlyConfig`` for 2–4 bits
+  (its CPU path; ``Int4WeightOnlyConfig`` needs CUDA kernels).
 
 Bytes (:class:`Compressed`) are counted the way the FiPS report counts its
 own: the values at their bit width, packed; indices of sparse weights in the
