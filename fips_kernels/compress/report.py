@@ -128,15 +128,20 @@ class CompressionReport:
         c = self.config
         pattern = c.get("pattern")
         lines = [
-            f"FiPS compression of {self.model} (preset {self.preset}, unit {self.unit}): budget {c.get('budget')}, "
+            f"FiPS compression of {self.model} (preset {self.preset}, unit {self.unit}): budget {c.get('budget'):.4g}, "
             f"{pattern} (s={c.get('sparsity')}, {c.get('format')}), groups of {self._group_sizes()}, "
             f"{c.get('steps')} steps, {c.get('pruning')} ({c.get('mask_scope')}), seed {c.get('seed')}"
-            + (f", factor dtype {c['factor_dtype']}" if c.get("factor_dtype", "float32") != "float32" else ""),
+            + (f", factor dtype {c['factor_dtype']}" if c.get("factor_dtype", "float32") != "float32" else "")
+            + (f", int{c['qbits']} values (scale per {c.get('qgroup')})" if c.get("qbits") else "")
+            + (", int8 base" if c.get("base_qbits") else "")
+            + (f", then {c['finetune_steps']} end-to-end steps" if c.get("finetune_steps") else ""),
+            *([f"--ratio {c['ratio']:g} chose: {c['plan']}"] if c.get("ratio") else []),
             f"calibration: {self.calibration.get('train_samples')} samples in {self.calibration.get('train_batches')} "
             f"batches for training, {self.calibration.get('holdout_samples')} held back",
             "",
             f"{'group':>5}  {'units':<28} {'d':>5} {'rank':>5}  {'parameters dense -> FiPS':>26} {'kept':>6}  "
-            f"{'bytes dense -> FiPS':>22} {'ratio':>6}  rel. error per unit: SVD init -> trained",
+            f"{'bytes dense -> FiPS':>22} {'ratio':>6}  rel. error per unit: SVD init -> trained"
+            + (" (block-wise, before the end-to-end steps)" if c.get("finetune_steps") else ""),
         ]
         for g in self.groups:
             errs = ", ".join(f"{a['rel']:.3f}->{b['rel']:.3f}" for a, b in zip(g.errors_init, g.errors_final))

@@ -1,7 +1,7 @@
 """Sparsity schedules for the factors ``V_i``: gradual magnitude pruning (GMP)
 and RigL.
 
-GMP (the paper's default; Zhu & Gupta's cubic schedule): the target sparsity
+GMP (Zhu & Gupta's cubic schedule; the paper's text describes gradual magnitude pruning): the target sparsity
 at step ``t`` is ``s_t = s_f · (1 − (1 − t/T_end)³)``, from 0 at ``t = 0`` to
 ``s_f`` at ``T_end = end · steps`` (``end = 0.75``); masks are recomputed at
 ``t = 0, every, 2·every, …`` and at ``T_end`` (so the final sparsity is
@@ -12,8 +12,14 @@ count at step ``t`` is ``round(frac_t · pruned_final)`` with
 (:func:`~fips_kernels.budget.stored_values`), so the final masks hold
 exactly the number of values the rank was chosen for.
 
-* ``scope="global"``: one magnitude threshold over all factors of the group
-  (the paper's default); ``"layer"``: each factor pruned on its own.
+* ``scope="global"``: one magnitude threshold over all factors of the group;
+  ``"layer"``: each factor pruned on its own. (The FiPS authors' code uses one
+  threshold over the whole model; here groups are trained one after another, or
+  on different ranks, so the widest scope is the group.)
+* ``schedule="accelerated"`` (:func:`accelerated_fraction`): the FiPS authors'
+  code's accelerated cubic schedule — sparsity 0.05 until the first update after
+  step 0, then a jump to 0.5 and a cubic to the final sparsity at ``T_end``. The
+  plain cubic above (Zhu & Gupta) is ``schedule="cubic"``, the default.
 * N:M patterns keep the pattern exact at every update: along each product's
   reduction axis (r for expand, h for contract) every group of ``m`` keeps
   ``n_t = m − round(frac_t · (m − n))`` entries, so 1:4 goes 4:4 → 3:4 → 2:4 →
@@ -38,7 +44,8 @@ from ..formats import parse_pattern
 from ..masks import magnitude_masks as magnitude_masks_at
 from ..masks import nm_keep, top_k as _top
 
-__all__ = ["cubic_fraction", "prune_end_step", "update_steps", "final_keep_counts", "magnitude_masks",
+__all__ = ["cubic_fraction", "accelerated_fraction", "prune_end_step", "update_steps", "final_keep_counts",
+           "magnitude_masks",
            "nm_keep", "rigl_fraction", "rigl_update"]
 
 
@@ -52,6 +59,25 @@ def cubic_fraction(t: int, t_end: int) -> float:
     if t_end <= 0 or t >= t_end:
         return 1.0
     return 1.0 - (1.0 - max(t, 0) / t_end) ** 3
+
+
+def accelerated_fraction(t: int, t_end: int, t_accel: int, final: float, start: float = 0.05,
+                         jump: float = 0.5) -> float:
+    """The FiPS authors' accelerated cubic schedule as a fraction of the final sparsity
+    ``final``: sparsity ``start`` before ``t_accel``, then a jump to ``jump`` and a cubic
+    from there to ``final`` at ``T_end`` (both clamped to ``final``).
+    Their code divides by ``T_end`` rather than ``T_end − t_accel``, so it stops short of
+    the final sparsity unless ``t_accel = 0``; this reaches it at ``T_end`` exactly."""
+    if final <= 0:
+        return 1.0
+    if t_end <= 0 or t >= t_end:
+        return 1.0
+    if t < t_accel:
+        return min(start, final) / final
+    s0 = min(jump, final)
+    span = max(t_end - t_accel, 1)
+    s = final + (s0 - final) * (1.0 - (t - t_accel) / span) ** 3
+    return min(max(s / final, 0.0), 1.0)
 
 
 def update_steps(steps: int, every: int, end: float = 0.75) -> List[int]:
