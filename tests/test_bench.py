@@ -406,19 +406,29 @@ def test_peers_have_faces_and_compute_the_layer(monkeypatch):
         shared, (mod,) = speed[name].replace(case.layer.base, [case.layer])
         assert prepared.weight_bytes > case.layer.factor.nbytes and mod.flops(3) > 0
 
+    quality = peers.peers_with("quality")  # the quality benchmark's peers: no speed face, not providers
+    assert {"rtn", "gptq", "sparsegpt", "wanda", "hqq", "torchao"} <= set(quality)
+    assert all(quality[n].faces == ("quality",) and n not in peers.PROVIDERS for n in quality)
+    W = torch.randn(8, 128)
+    c = quality["rtn"].compress_weight(W, None, bits=8, group=64)
+    assert c.weight.shape == W.shape and (c.weight - W).abs().max() < 0.02 * W.abs().max()
+    assert c.nbytes < W.numel() * 4 / 3  # 8-bit values plus scales and zero points
+
     monkeypatch.setattr(peers, "PEERS", dict(peers.PEERS))
     monkeypatch.setattr(peers, "PROVIDERS", dict(registry.PROVIDERS))
 
     @peers.register_peer
-    class RoundToNearest(peers.Peer):
-        name = "rtn_int8_test"
+    class Halves(peers.Peer):  # a new peer with only the quality face is one subclass
+        name = "halves_test"
+        quality_settings = (dict(),)
 
-        def compress_linear(self, linear):
-            return linear, linear.weight.numel()
+        def compress_weight(self, W, stats):
+            from fips_kernels.bench.quantizers import Compressed
 
-    assert peers.PEERS["rtn_int8_test"].faces == ("quality",)
-    assert list(peers.peers_with("quality")) == ["rtn_int8_test"]
-    assert "rtn_int8_test" not in peers.PROVIDERS
+            return Compressed(W.half().float(), W.numel() * 2)
+
+    assert peers.PEERS["halves_test"].faces == ("quality",)
+    assert "halves_test" in peers.peers_with("quality") and "halves_test" not in peers.PROVIDERS
 
 
 def test_cli_summary_names_skipped_providers_once(tiny_run):

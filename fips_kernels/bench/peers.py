@@ -14,12 +14,15 @@ with the **faces** it has:
   rows (:meth:`Peer.group`) and the end-to-end model variant
   (``fips-kernels bench-e2e`` installs the modules in the model). Each module
   counts its own arithmetic (``flops(M)``) and names what runs (``backend``).
-* ``quality`` — :meth:`Peer.compress_linear` ``(linear) -> (module,
-  stored_bytes)``: compress one trained ``nn.Linear`` the peer's way, for the
-  quality-per-byte benchmark. No peer has it yet; round-to-nearest int8/int4,
-  HQQ or GPTQ are added as one subclass each that implements only this
-  method, registered here like the others (a peer with only the quality face
-  is left out of the speed benchmarks: :func:`peers_with`).
+* ``quality`` — :meth:`Peer.compress_weight` ``(W, stats, **setting) ->
+  Compressed``: one trained weight compressed the peer's way (the weight it
+  leaves and every byte it stores, :mod:`.quantizers`), with the calibration
+  statistics it asks for (``calibration``: none, the inputs' ``XᵀX`` or their
+  norms), swept over ``quality_settings`` by ``fips-kernels bench-quality``
+  (:mod:`.quality`); ``library`` says where the algorithm comes from and
+  ``quality_reasons`` why it cannot run here (its library missing, or never
+  on this machine). A peer with only this face (round to nearest, GPTQ, HQQ …)
+  is left out of the speed benchmarks (:func:`peers_with`).
 
 Adding a peer is one subclass::
 
@@ -51,7 +54,8 @@ from .registry import BASELINE, PEER, PROVIDERS, Prepared, Provider
 from .sizes import module_bytes, tensor_bytes
 
 __all__ = ["Peer", "PEERS", "register_peer", "peers_with", "FACES", "SharedTensors", "PeerLinear",
-           "DenseBaseline", "TwoGemm", "CsrRebuild", "SemiStructured24"]
+           "DenseBaseline", "TwoGemm", "CsrRebuild", "SemiStructured24", "RoundToNearest", "GPTQ", "SparseGPT",
+           "Wanda", "HQQ", "TorchAO"]
 
 FACES = ("speed", "quality")
 PEERS: Dict[str, "Peer"] = {}
@@ -166,15 +170,26 @@ class Peer(Provider):
         ``(shared, modules)``, one module per layer, in order."""
         raise NotImplementedError
 
-    def compress_linear(self, linear: nn.Linear) -> Tuple[nn.Module, int]:
-        """Quality face: ``linear`` compressed this peer's way, and its stored bytes."""
+    # -- the quality face
+    library = ""                              # where the algorithm comes from (a package, or this one)
+    calibration: Optional[str] = None         # per-layer statistics it needs: None, "hessian" or "norm"
+    quality_settings: Tuple[dict, ...] = ()   # the points of its curve in the quality benchmark
+    quality_note = ""                         # said in every row of its curve
+
+    def compress_weight(self, W: torch.Tensor, stats: Optional[torch.Tensor], **setting):
+        """Quality face: ``W (out × in)`` compressed this peer's way, as a
+        :class:`~.quantizers.Compressed` (the weight it leaves, its stored bytes)."""
         raise NotImplementedError
+
+    def quality_reasons(self) -> List[str]:
+        """Why the quality face cannot run here (empty: it can)."""
+        return []
 
     @property
     def faces(self) -> Tuple[str, ...]:
         mine = type(self)
         has = {"speed": mine.replace is not Peer.replace or mine.prepare is not Peer.prepare,
-               "quality": mine.compress_linear is not Peer.compress_linear}
+               "quality": bool(mine.quality_settings)}
         return tuple(f for f in FACES if has[f])
 
     # -- derived from the speed face
@@ -319,3 +334,148 @@ class SemiStructured24(Peer):
                 A = torch.sparse.to_sparse_semi_structured(dense.contiguous())
                 mods.append(SemiStructuredLinear(l.kind, l.in_features, l.out_features, shared, _bias(l), A=A))
         return shared, mods
+
+
+# ---------------------------------------------------------------- the weight compressors (quality face)
+
+def _bits_groups(bits, groups=(64,)) -> Tuple[dict, ...]:
+    return tuple(dict(bits=b, group=g) for b in bits for g in groups)
+
+
+def _importable(module: str, why: str = "") -> List[str]:
+    try:
+        __import__(module)
+    except Exception as exc:  # noqa: BLE001 - any import failure means it cannot run here
+        return [f"{module} is not importable ({type(exc).__name__}: {exc}){why}; pip install 'fips-kernels[quality]'"]
+    return []
+
+
+@register_peer
+class RoundToNearest(Peer):
+    name = "rtn"
+    library = "fips_kernels (plain)"
+    description = ("round to nearest, asymmetric min-max grid per group of inputs, fp16 scale + integer zero "
+                   "point, no calibration")
+    quality_settings = _bits_groups((8, 4, 3, 2), (64, 128))
+
+    def compress_weight(self, W, stats, bits, group=64):
+        from . import quantizers
+
+        return quantizers.rtn(W, bits, group)
+
+
+@register_peer
+class GPTQ(Peer):
+    name = "gptq"
+    library = "fips_kernels (from the paper)"
+    description = "GPTQ (arXiv 2210.17323) on the RTN grid, calibrated block by block"
+    calibration = "hessian"
+    quality_settings = _bits_groups((4, 3, 2), (64, 128))
+
+    def compress_weight(self, W, H, bits, group=64):
+        from . import quantizers
+
+        return quantizers.gptq(W, H, bits, group)
+
+
+@register_peer
+class SparseGPT(Peer):
+    name = "sparsegpt"
+    library = "fips_kernels (from the paper)"
+    description = ("SparseGPT (arXiv 2301.00774): 50 % unstructured or 2:4, fp16 or int4 values (joint), bitmap / "
+                   "N:M indices as the package stores them")
+    calibration = "hessian"
+    quality_settings = (dict(pattern="unstructured"), dict(pattern="unstructured", bits=4),
+                        dict(pattern="2:4", bits=4))
+
+    def compress_weight(self, W, H, sparsity=0.5, pattern="unstructured", bits=None, group=64):
+        from . import quantizers
+
+        return quantizers.sparsegpt(W, H, sparsity, pattern=pattern, bits=bits, group=group)
+
+
+@register_peer
+class Wanda(Peer):
+    name = "wanda"
+    library = "fips_kernels (from the paper)"
+    description = "Wanda (arXiv 2306.11695): |w|·‖x‖ pruning per output row, 50 % unstructured or 2:4, fp16 values"
+    calibration = "norm"
+    quality_settings = (dict(pattern="unstructured"), dict(pattern="2:4"))
+
+    def compress_weight(self, W, norms, sparsity=0.5, pattern="unstructured"):
+        from . import quantizers
+
+        return quantizers.wanda(W, norms, sparsity, pattern=pattern)
+
+
+@register_peer
+class HQQ(Peer):
+    name = "hqq"
+    library = "hqq"
+    description = "HQQ (half-quadratic quantisation; the hqq package's HQQLinear), fp16 scale and zero per group"
+    quality_settings = _bits_groups((8, 4, 3, 2), (64, 128))
+
+    def quality_reasons(self):
+        return _importable("hqq")
+
+    def compress_weight(self, W, stats, bits, group=64):
+        from . import quantizers
+
+        return quantizers.hqq_weight(W, bits, group)
+
+
+@register_peer
+class TorchAO(Peer):
+    name = "torchao"
+    library = "torchao"
+    description = ("torchao weight-only: Int8WeightOnlyConfig (per channel), IntxWeightOnlyConfig int4/int3/int2 "
+                   "per group (the CPU path)")
+    quality_settings = (dict(bits=8), *_bits_groups((4, 3, 2)))
+    quality_note = "counted at the bit width; torchao keeps int2-int4 values unpacked in int8 on the CPU"
+
+    def quality_reasons(self):
+        return _importable("torchao")
+
+    def compress_weight(self, W, stats, bits, group=64):
+        from . import quantizers
+
+        return quantizers.torchao_weight(W, bits, group)
+
+
+class _Unavailable(Peer):
+    """A library users would pick that cannot run here: listed in the quality benchmark with why."""
+
+    quality_settings = (dict(),)
+    reason = ""
+
+    def quality_reasons(self):
+        return [self.reason]
+
+
+@register_peer
+class TorchAOInt4(_Unavailable):
+    name = "torchao-int4"
+    library = "torchao"
+    description = "torchao Int4WeightOnlyConfig (the tinygemm / mslk int4 layouts)"
+    reason = ("Int4WeightOnlyConfig needs the mslk-cuda kernels or an NVIDIA GPU (plain and preshuffled layouts "
+              "import mslk, plain_int32 has no CPU support, tile_packed_to_4d needs a driver); IntxWeightOnlyConfig "
+              "(peer torchao) is its CPU path")
+
+
+@register_peer
+class LLMCompressor(_Unavailable):
+    name = "llmcompressor"
+    library = "llmcompressor"
+    description = "GPTQ / SparseGPT / Wanda from llmcompressor"
+    reason = ("llmcompressor 0.14 requires torch<=2.14.0 and transformers<=5.17.0: installing it would replace the "
+              "installed torch; GPTQ, SparseGPT and Wanda are implemented here from their papers instead (peers "
+              "gptq, sparsegpt, wanda)")
+
+
+@register_peer
+class GPTQModel(_Unavailable):
+    name = "gptqmodel"
+    library = "gptqmodel"
+    description = "GPTQ from GPTQModel"
+    reason = ("GPTQModel 7.7 has model definitions for decoder LLMs only (no BERT-family encoder such as MiniLM); "
+              "peer gptq implements the paper instead")

@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import quantizers
+from .peers import peers_with
 
 __all__ = ["QualityError", "Context", "METHODS", "build_context", "evaluate", "run", "spearman", "agreement",
            "markdown_table", "fips_against_peers", "peer_curve", "pareto", "plot", "COLUMNS", "main_args",
@@ -235,35 +235,14 @@ class Method:
     available: Callable = lambda: None  # None, or why it cannot run here
 
 
-def _rtn(ctx, bits, group=64):
-    m, b = _peer(ctx, lambda W, s: quantizers.rtn(W, bits, group))
-    return m, b, ""
+def _peer_method(peer) -> "Method":
+    """A peer's quality face as a benchmark method (the peer is defined in :mod:`.peers`)."""
+    def apply(ctx, **setting):
+        model, nbytes = _peer(ctx, lambda W, stats: peer.compress_weight(W, stats, **setting), peer.calibration)
+        return model, nbytes, peer.quality_note
 
-
-def _gptq(ctx, bits, group=64):
-    m, b = _peer(ctx, lambda W, H: quantizers.gptq(W, H, bits, group), stats="hessian")
-    return m, b, ""
-
-
-def _sparsegpt(ctx, sparsity=0.5, pattern="unstructured", bits=None, group=64):
-    m, b = _peer(ctx, lambda W, H: quantizers.sparsegpt(W, H, sparsity, pattern=pattern, bits=bits, group=group),
-                 stats="hessian")
-    return m, b, ""
-
-
-def _wanda(ctx, sparsity=0.5, pattern="unstructured"):
-    m, b = _peer(ctx, lambda W, n: quantizers.wanda(W, n, sparsity, pattern=pattern), stats="norm")
-    return m, b, ""
-
-
-def _hqq(ctx, bits, group=64):
-    m, b = _peer(ctx, lambda W, s: quantizers.hqq_weight(W, bits, group))
-    return m, b, ""
-
-
-def _torchao(ctx, bits, group=64):
-    m, b = _peer(ctx, lambda W, s: quantizers.torchao_weight(W, bits, group))
-    return m, b, "counted at the bit width; torchao keeps int2-int4 values unpacked in int8 on the CPU"
+    return Method(peer.name, peer.library, peer.description, peer.quality_settings, apply,
+                  lambda: "; ".join(peer.quality_reasons()) or None)
 
 
 def _fips(ctx, ratio=None, **kwargs):
@@ -286,56 +265,13 @@ def _fips(ctx, ratio=None, **kwargs):
     return model, report.bytes, note
 
 
-def _missing(module: str, why: str = "") -> Callable:
-    def check():
-        try:
-            __import__(module)
-        except Exception as exc:  # noqa: BLE001 - any import failure means it cannot run here
-            return f"{module} is not importable ({type(exc).__name__}: {exc}){why}; pip install 'fips-kernels[quality]'"
-        return None
-    return check
-
-
-def _never(reason: str) -> Callable:
-    return lambda: reason
-
-
-_BITS_G = lambda bits, groups=(64,): tuple(dict(bits=b, group=g) for b in bits for g in groups)  # noqa: E731
-
-METHODS: Dict[str, Method] = {m.name: m for m in (
-    Method("fips", "fips_kernels", "FiPS: a shared base per group of blocks and sparse, optionally int8/int4 "
-           "factors, block-wise then end-to-end training (compress(ratio=R); budget=0.5 is the default command)",
-           (dict(budget=0.5), *(dict(ratio=r) for r in (4, 8, 10, 12, 16))), _fips),
-    Method("rtn", "fips_kernels (plain)", "round to nearest, asymmetric min-max grid per group of inputs, "
-           "fp16 scale + integer zero point, no calibration", _BITS_G((8, 4, 3, 2), (64, 128)), _rtn),
-    Method("hqq", "hqq", "HQQ (half-quadratic quantisation; the hqq package's HQQLinear), fp16 scale and zero "
-           "per group", _BITS_G((8, 4, 3, 2), (64, 128)), _hqq, _missing("hqq")),
-    Method("gptq", "fips_kernels (from the paper)", "GPTQ (arXiv 2210.17323) on the RTN grid, calibrated "
-           "block by block", _BITS_G((4, 3, 2), (64, 128)), _gptq),
-    Method("sparsegpt", "fips_kernels (from the paper)", "SparseGPT (arXiv 2301.00774): 50 % unstructured or "
-           "2:4, fp16 or int4 values (joint), bitmap / N:M indices as the package stores them",
-           (dict(pattern="unstructured"), dict(pattern="unstructured", bits=4), dict(pattern="2:4", bits=4)),
-           _sparsegpt),
-    Method("wanda", "fips_kernels (from the paper)", "Wanda (arXiv 2306.11695): |w|·‖x‖ pruning per output "
-           "row, 50 % unstructured or 2:4, fp16 values", (dict(pattern="unstructured"), dict(pattern="2:4")),
-           _wanda),
-    Method("torchao", "torchao", "torchao weight-only: Int8WeightOnlyConfig (per channel), IntxWeightOnlyConfig "
-           "int4/int3/int2 per group (the CPU path)", (dict(bits=8), *_BITS_G((4, 3, 2))), _torchao,
-           _missing("torchao")),
-    Method("torchao-int4", "torchao", "torchao Int4WeightOnlyConfig (the tinygemm / mslk int4 layouts)",
-           (dict(bits=4),), lambda ctx, bits: None,
-           _never("Int4WeightOnlyConfig needs the mslk-cuda kernels or an NVIDIA GPU (plain and preshuffled "
-                  "layouts import mslk, plain_int32 has no CPU support, tile_packed_to_4d needs a driver); "
-                  "IntxWeightOnlyConfig (method torchao) is its CPU path")),
-    Method("llmcompressor", "llmcompressor", "GPTQ / SparseGPT / Wanda from llmcompressor", (dict(),),
-           lambda ctx: None,
-           _never("llmcompressor 0.14 requires torch<=2.14.0 and transformers<=5.17.0: installing it would "
-                  "replace the installed torch; GPTQ, SparseGPT and Wanda are implemented here from their papers "
-                  "instead (methods gptq, sparsegpt, wanda)")),
-    Method("gptqmodel", "gptqmodel", "GPTQ from GPTQModel", (dict(),), lambda ctx: None,
-           _never("GPTQModel 7.7 has model definitions for decoder LLMs only (no BERT-family encoder such as "
-                  "MiniLM); method gptq implements the paper instead")),
-)}
+# ours (FiPS), then every peer with a quality face, as bench/peers.py registers them
+METHODS: Dict[str, Method] = {
+    "fips": Method("fips", "fips_kernels", "FiPS: a shared base per group of blocks and sparse, optionally int8/int4 "
+                   "factors, block-wise then end-to-end training (compress(ratio=R); budget=0.5 is the paper's "
+                   "setting)", (dict(budget=0.5), *(dict(ratio=r) for r in (4, 8, 10, 12, 16))), _fips),
+    **{name: _peer_method(peer) for name, peer in peers_with("quality").items()},
+}
 
 
 # ---------------------------------------------------------------- CSV, table, plot
