@@ -78,34 +78,20 @@ def num(v) -> Optional[float]:
         return None
 
 
-def fmt_ratio(v) -> str:
-    x = num(v)
-    return "" if x is None else f"{x:.2f}"
+def _formatter(render):
+    """A column formatter: ``render(number)``, or "" for an empty or non-numeric cell."""
+    def fmt(v) -> str:
+        x = num(v)
+        return "" if x is None else render(x)
+    return fmt
 
 
-def fmt_pct(v) -> str:
-    x = num(v)
-    return "" if x is None else f"{100 * x:.0f}%"
-
-
-def fmt_ms(v) -> str:
-    x = num(v)
-    return "" if x is None else f"{x:.3g}"
-
-
-def fmt_mib(v) -> str:
-    x = num(v)
-    return "" if x is None else f"{x / 2 ** 20:.1f}"
-
-
-def fmt_rate(v) -> str:
-    x = num(v)
-    return "" if x is None else (f"{x:.0f}" if x >= 100 else f"{x:.3g}")
-
-
-def fmt_gbps(v) -> str:
-    x = num(v)
-    return "" if x is None else f"{x:.0f}"
+fmt_ratio = _formatter(lambda x: f"{x:.2f}")
+fmt_pct = _formatter(lambda x: f"{100 * x:.0f}%")
+fmt_ms = _formatter(lambda x: f"{x:.3g}")
+fmt_mib = _formatter(lambda x: f"{x / 2 ** 20:.1f}")
+fmt_rate = _formatter(lambda x: f"{x:.0f}" if x >= 100 else f"{x:.3g}")
+fmt_gbps = _formatter(lambda x: f"{x:.0f}")
 
 
 SKIPPED, FAILED = "–", "✗"

@@ -50,7 +50,6 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import layer
     from .bench.group import GROUP_PROVIDERS
     from .bench.providers import PROVIDERS
-    from .bench.registry import OURS
     from .bench.shapes import ALL_PRESETS, PATTERNS, preset_rank
 
     if args.list:
@@ -74,10 +73,8 @@ def _bench(args: argparse.Namespace) -> int:
     except (layer.BenchError, _UsageError) as exc:
         print(f"{PROG} bench: error: {exc}", file=sys.stderr)
         return 2
-    try:
-        rows = layer.run(config)
-    except KeyboardInterrupt:
-        print(f"\n{PROG} bench: interrupted; the rows written so far are in {config.out}", file=sys.stderr)
+    rows = _run_sweep("bench", layer.run, config)
+    if rows is None:
         return 130
     print()
     print(layer.summary_table(rows))
@@ -87,13 +84,8 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"wrote {len(rows)} rows ({skipped} skipped, {failed} failed) to {config.out}")
     if config.device.type == "cpu":
         print(f"note: {layer.CPU_NOTE}")
-    broken = [r for r in rows if r["role"] == OURS and (r["status"] == "failed" or r["reason"].startswith("WARNING"))]
-    if broken:
-        print(f"{PROG} bench: {len(broken)} rows of this package's own providers failed or disagree with "
-              f"the reference, e.g. {broken[0]['provider']} {broken[0]['preset']} {broken[0]['kind']} "
-              f"{broken[0]['pattern']} M={broken[0]['M']}: {broken[0]['reason']}", file=sys.stderr)
-        return 1
-    return 0
+    return _our_rows_broken("bench", rows, "this package's own providers",
+                            lambda b: f"{b['provider']} {b['preset']} {b['kind']} {b['pattern']} M={b['M']}")
 
 
 def _add_bench(sub) -> None:
@@ -118,18 +110,48 @@ def _add_bench(sub) -> None:
     p.add_argument("--group-providers", nargs="+", metavar="NAME",
                    help="group-scope providers (see --list; default: all; dense is always timed)")
     p.add_argument("--dtype", help="fp16 (default on a GPU), bf16, fp32 (default on the CPU)")
+    _timing_arguments(p, "fips_bench", warmup=25, rep=100, reps="5; --tiny 3", seeded="factors and inputs",
+                      checked="each output with the fp32 reference", listed="presets, patterns and providers")
+    p.set_defaults(func=_bench)
+
+
+def _timing_arguments(p, csv_stem: str, *, warmup: int, rep: int, reps: str, seeded: str, checked: str,
+                      listed: str) -> None:
+    """The options ``bench`` and ``bench-e2e`` share (device, CSV, timing, seed, checks, listing)."""
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", metavar="PATH",
-                   help="CSV file (default: fips_bench_<device>_<utc date>.csv in the current directory)")
-    p.add_argument("--warmup-ms", type=float, metavar="MS", help="do_bench warm-up per point on CUDA (default 25)")
-    p.add_argument("--rep-ms", type=float, metavar="MS", help="do_bench timing budget per point on CUDA (default 100)")
-    p.add_argument("--reps", type=int, help="timed calls per point on the CPU (default 5; --tiny 3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random factors and inputs")
-    p.add_argument("--no-check", action="store_true",
-                   help="skip comparing each output with the fp32 reference (the rel_err column)")
+                   help=f"CSV file (default: {csv_stem}_<device>_<utc date>.csv in the current directory)")
+    p.add_argument("--warmup-ms", type=float, metavar="MS",
+                   help=f"do_bench warm-up per point on CUDA (default {warmup})")
+    p.add_argument("--rep-ms", type=float, metavar="MS", help=f"do_bench timing budget per point on CUDA (default {rep})")
+    p.add_argument("--reps", type=int, help=f"timed calls per point on the CPU (default {reps})")
+    p.add_argument("--seed", type=int, default=0, help=f"seed of the random {seeded}")
+    p.add_argument("--no-check", action="store_true", help=f"skip comparing {checked} (the rel_err column)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--list", action="store_true", help="list presets, patterns and providers, then exit")
-    p.set_defaults(func=_bench)
+    p.add_argument("--list", action="store_true", help=f"list {listed}, then exit")
+
+
+def _run_sweep(command: str, run, config):
+    """``run(config)``'s rows, or None after an interrupt (said, with where the rows are)."""
+    try:
+        return run(config)
+    except KeyboardInterrupt:
+        print(f"\n{PROG} {command}: interrupted; the rows written so far are in {config.out}", file=sys.stderr)
+        return None
+
+
+def _our_rows_broken(command: str, rows, what: str, describe) -> int:
+    """1 (and a one-line error naming the first) when a row of this package's own
+    providers failed or disagrees with the reference; else 0."""
+    from .bench.registry import OURS
+
+    broken = [r for r in rows if r["role"] == OURS
+              and (r["status"] == "failed" or r["reason"].startswith("WARNING"))]
+    if broken:
+        print(f"{PROG} {command}: {len(broken)} rows of {what} failed or disagree with the reference, e.g. "
+              f"{describe(broken[0])}: {broken[0]['reason']}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # ---------------------------------------------------------------- bench-e2e
@@ -137,7 +159,6 @@ def _add_bench(sub) -> None:
 def _bench_e2e(args: argparse.Namespace) -> int:
     from .bench import e2e
     from .bench.layer import BenchError
-    from .bench.registry import OURS
 
     if args.list:
         print("models:")
@@ -156,10 +177,8 @@ def _bench_e2e(args: argparse.Namespace) -> int:
     except (BenchError, _UsageError) as exc:
         print(f"{PROG} bench-e2e: error: {exc}", file=sys.stderr)
         return 2
-    try:
-        rows = e2e.run(config)
-    except KeyboardInterrupt:
-        print(f"\n{PROG} bench-e2e: interrupted; the rows written so far are in {config.out}", file=sys.stderr)
+    rows = _run_sweep("bench-e2e", e2e.run, config)
+    if rows is None:
         return 130
     print()
     print(e2e.summary_table(rows))
@@ -169,15 +188,8 @@ def _bench_e2e(args: argparse.Namespace) -> int:
           f"to {config.out}")
     if config.device.type == "cpu":
         print(f"note: {e2e.CPU_NOTE}")
-    broken = [r for r in rows if r["role"] == OURS
-              and (r["status"] == "failed" or "WARNING: rel_err" in r["reason"])]
-    if broken:
-        b = broken[0]
-        print(f"{PROG} bench-e2e: {len(broken)} rows of this package's FiPS models failed or disagree with the "
-              f"reference, e.g. {b['model']} {b['dtype']} {b['mode']} {b['pattern']} batch {b['batch']}: "
-              f"{b['reason']}", file=sys.stderr)
-        return 1
-    return 0
+    return _our_rows_broken("bench-e2e", rows, "this package's FiPS models",
+                            lambda b: f"{b['model']} {b['dtype']} {b['mode']} {b['pattern']} batch {b['batch']}")
 
 
 def _add_bench_e2e(sub) -> None:
@@ -201,20 +213,11 @@ def _add_bench_e2e(sub) -> None:
                    help="fp16, bf16, fp32 (default: fp16 bf16 on a GPU, fp32 on the CPU)")
     p.add_argument("--batch", nargs="+", metavar="N", help="images per call (default: 1 8 64 256)")
     p.add_argument("--decode-batch", nargs="+", metavar="N", help="sequences per decode step (default: 1 4 16 64)")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--out", metavar="PATH",
-                   help="CSV file (default: fips_bench_e2e_<device>_<utc date>.csv in the current directory)")
     p.add_argument("--budget-s", type=float, metavar="S",
                    help="stop starting points after S seconds (each model x dtype gets an equal share of what is "
                         "left); the points left get skipped rows")
-    p.add_argument("--warmup-ms", type=float, metavar="MS", help="do_bench warm-up per point on CUDA (default 10)")
-    p.add_argument("--rep-ms", type=float, metavar="MS", help="do_bench timing budget per point on CUDA (default 50)")
-    p.add_argument("--reps", type=int, help="timed calls per point on the CPU (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights, factors and inputs")
-    p.add_argument("--no-check", action="store_true",
-                   help="skip comparing outputs with the eager reference (the rel_err column)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--list", action="store_true", help="list models, providers and modes, then exit")
+    _timing_arguments(p, "fips_bench_e2e", warmup=10, rep=50, reps="3", seeded="weights, factors and inputs",
+                      checked="outputs with the eager reference", listed="models, providers and modes")
     p.set_defaults(func=_bench_e2e)
 
 

@@ -155,8 +155,8 @@ def plan(out=print) -> int:
             kernels = ", ".join(f"{k} x{n}" for k, n in sorted(u["kernels"].items())) or "none"
             out(f"  Triton compiles: {u['compiles']} ({kernels}); new (not cached by an earlier stage): "
                 f"{u['new_compiles']}; autotuner timings: {u['autotune_benchmarks']}")
-            out(f"  (fips and fips_gate_up dispatch to the cuda backend, cuda_* and the peers launch no Triton "
-                f"kernel; hashed_* kernels are not counted)")
+            out("  (fips and fips_gate_up dispatch to the cuda backend, cuda_* and the peers launch no Triton "
+                "kernel; hashed_* kernels are not counted)")
             out(f"  random layers built: {u['layers_built']} ({u['elements_built'] / 1e9:.2f} G elements)")
             need = row_stage_estimate(u)
             est = slot if stage.bounded else need
@@ -293,7 +293,7 @@ def stage_build(run: Run, stage: Stage) -> Tuple[str, str]:
         rc, timed_out = run.call([run.py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
                                   "-v", "-e", "."], log, run.left(stage), env)
         if timed_out:
-            return "FAILED", f"timed out (see build.log); the later stages run without the extension"
+            return "FAILED", "timed out (see build.log); the later stages run without the extension"
         if rc:
             return "FAILED", f"pip exit {rc} (see build.log)"
     rc, _ = run.call([run.py, "-c", "import fips_kernels._extension as e; ok = e.available(); "

@@ -57,6 +57,29 @@ def assert_close_to_truth(out, truth64, baseline, eps=1e-6):
     assert err <= 2 * base + eps, f"max error {err:.3e} > 2 × baseline error {base:.3e} + {eps:g}"
 
 
+def run_csv_command(argv, cwd, columns, timeout=600):
+    """Run a benchmark command line (``argv`` after the Python executable) in a clean
+    environment (this checkout first on the path; no forced backend, no interpreter
+    flag), check it succeeded, and return ``(CSV rows, stdout)`` of the file it wrote
+    (the argument after ``--out``), whose header must be ``columns``."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    for var in ("FIPS_KERNELS_BACKEND", "TRITON_INTERPRET"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(argv[list(argv).index("--out") + 1], newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == tuple(columns)
+        return list(reader), proc.stdout
+
+
 def layer_case(kind, fmt, opts, qbits=None, base_bits=None, dtype=torch.float32, device="cpu", d=37, r=45, h=70,
                qgroup=16):
     """A random layer: ``(factor, base, bias)`` with the factor ``(r, h)`` for expand,

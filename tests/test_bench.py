@@ -7,9 +7,6 @@ bookkeeping around them is right.
 import csv
 import itertools
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,32 +18,18 @@ from fips_kernels.bench import layer, providers, shapes
 from fips_kernels.bench.cases import build_cases
 from fips_kernels.bench.layer import COLUMNS, METADATA_COLUMNS, BenchError, resolve_config
 
+from conftest import run_csv_command
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("tiny", "tiny-f3")
 KINDS = ("expand", "contract")
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    for var in ("FIPS_KERNELS_BACKEND", "TRITON_INTERPRET"):
-        env.pop(var, None)
-    return env
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny.csv"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fips_kernels.cli", "bench", "--tiny", "--device", "cpu", "--out", str(out),
-         "--no-progress"],
-        cwd=tmp_path_factory.getbasetemp(), env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    with open(out, newline="") as f:
-        reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == COLUMNS
-        rows = list(reader)
-    return rows, proc.stdout
+    return run_csv_command(["-m", "fips_kernels.cli", "bench", "--tiny", "--device", "cpu", "--out", out,
+                            "--no-progress"], tmp_path_factory.getbasetemp(), COLUMNS, timeout=300)
 
 
 def _key(row):

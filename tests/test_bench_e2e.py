@@ -10,9 +10,6 @@ outputs equal to the reference, and a clear reason on every skipped row.
 import csv
 import importlib.util
 import itertools
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -24,33 +21,19 @@ from fips_kernels import dispatch
 from fips_kernels.bench import e2e
 from fips_kernels.bench.layer import METADATA_COLUMNS, BenchError
 
+from conftest import run_csv_command
+
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 TINY = tuple(e2e.TINY_MODELS)
 PATTERNS = ("unstructured", "1:4", "2:4")
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    for var in ("FIPS_KERNELS_BACKEND", "TRITON_INTERPRET"):
-        env.pop(var, None)
-    return env
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "tiny.csv"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--tiny", "--device", "cpu", "--out", str(out),
-         "--no-progress"],
-        cwd=tmp_path_factory.getbasetemp(), env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    with open(out, newline="") as f:
-        reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == e2e.E2E_COLUMNS
-        rows = list(reader)
-    return rows, proc.stdout
+    return run_csv_command([ROOT / "benchmarks" / "bench_e2e.py", "--tiny", "--device", "cpu", "--out", out,
+                            "--no-progress"], tmp_path_factory.getbasetemp(), e2e.E2E_COLUMNS)
 
 
 def _key(r):

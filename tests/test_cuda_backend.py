@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fips_kernels as fk
-from fips_kernels import _extension, dispatch, reference
+from fips_kernels import _extension, dispatch
 from fips_kernels.bench import providers
 from fips_kernels.cuda import pack_for_cuda, sparse24, spmm
 from fips_kernels.cuda.strategies import STRATEGIES

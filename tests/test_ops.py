@@ -1,5 +1,4 @@
 """Custom ops: opcheck, gradients, torch.compile, CUDA graphs, and dispatch."""
-import os
 
 import pytest
 import torch

@@ -4,7 +4,6 @@ backend's kernels on int8/int4 factors and the int8 base are in
 ``test_backend_conformance.py``.)"""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fips_kernels as fk

@@ -4,7 +4,6 @@ import torch
 import torch.nn.functional as F
 
 from fips_kernels import reference
-from fips_kernels.formats import SparseFactor
 
 from conftest import FORMAT_CASES, FORMAT_IDS, assert_close_to_truth, make_factor
 

@@ -43,7 +43,7 @@ from ..cuda import clear_packs
 from ..modules import FiPSLinear
 from ..workspaces import clear_workspaces
 from .e2e_config import *  # noqa: F401,F403  (the configuration's names, as before the split)
-from .e2e_config import (ALL_MODELS, CPU_NOTE, E2E_ROLES, TIMM_MISSING, TOLERANCE, E2EConfig, ModelSpec,
+from .e2e_config import (ALL_MODELS, E2E_ROLES, TIMM_MISSING, TOLERANCE, E2EConfig, ModelSpec,
                          resolve_config)
 from .e2e_models import ModelUnderTest, mlp_groups, timm_module
 from .env import METADATA_COLUMNS, run_metadata

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import torch
 
