@@ -494,6 +494,17 @@ def _sources(rows: Sequence[Row], by_name: Dict[str, CsvFile], md_dir: Path) -> 
     return ", ".join(f"[{n}]({rel(by_name[n].path, md_dir)})" for n in names)
 
 
+def _by_mode_table(rows: Sequence[Row], batches: Sequence[int], column: str, fmt) -> List[str]:
+    """One line per (mode, provider, pattern), one cell of ``column`` per batch."""
+    body = []
+    for mode in ordered((r["mode"] for r in rows), MODE_ORDER):
+        sub = [r for r in rows if r["mode"] == mode]
+        for provider, pattern in ordered((r["provider"], r["pattern"]) for r in sub):
+            by_b = {int(r["batch"]): r for r in sub if (r["provider"], r["pattern"]) == (provider, pattern)}
+            body.append([mode, provider, pattern] + [cell(by_b.get(b), column, fmt) for b in batches])
+    return md_table(["mode", "provider", "pattern"] + [f"batch {b}" for b in batches], body, align_left=3)
+
+
 def e2e_section(files: Sequence[CsvFile], md_dir: Path, plots_dir: Path, plots: List[Path]) -> List[str]:
     rows = merge_e2e(files)
     roles = roles_of(rows)
@@ -554,27 +565,12 @@ def e2e_section(files: Sequence[CsvFile], md_dir: Path, plots_dir: Path, plots: 
             out += ["", f"<!-- table: e2e-peak gpu={slug(gpu)} model={model} dtype={dtype} -->",
                     f"**{model}, {dtype}: peak GPU memory allocated while setting up and running each mode "
                     f"(MiB; weights included), by batch.** Source: {src}.", ""]
-            body = []
-            for mode in ordered((r["mode"] for r in drows), MODE_ORDER):
-                sub = [r for r in drows if r["mode"] == mode]
-                for provider, pattern in ordered((r["provider"], r["pattern"]) for r in sub):
-                    by_b = {int(r["batch"]): r for r in sub if (r["provider"], r["pattern"]) == (provider, pattern)}
-                    body.append([mode, provider, pattern] + [cell(by_b.get(b), "run_peak_bytes", fmt_mib)
-                                                             for b in batches])
-            out += md_table(["mode", "provider", "pattern"] + [f"batch {b}" for b in batches], body, align_left=3)
+            out += _by_mode_table(drows, batches, "run_peak_bytes", fmt_mib)
             if any(r.get("frac_of_roofline") for r in drows):
                 out += ["", f"<!-- table: e2e-roofline gpu={slug(gpu)} model={model} dtype={dtype} -->",
                         f"**{model}, {dtype}: % of the roofline (weights + activations at the run's measured "
                         f"copy bandwidth), by batch.** Source: {src}.", ""]
-                body = []
-                for mode in ordered((r["mode"] for r in drows), MODE_ORDER):
-                    sub = [r for r in drows if r["mode"] == mode]
-                    for provider, pattern in ordered((r["provider"], r["pattern"]) for r in sub):
-                        by_b = {int(r["batch"]): r for r in sub if (r["provider"], r["pattern"]) == (provider, pattern)}
-                        body.append([mode, provider, pattern] + [cell(by_b.get(b), "frac_of_roofline", fmt_pct)
-                                                                 for b in batches])
-                out += md_table(["mode", "provider", "pattern"] + [f"batch {b}" for b in batches], body,
-                                align_left=3)
+                out += _by_mode_table(drows, batches, "frac_of_roofline", fmt_pct)
         path = e2e_plot(mrows, gpu, model, plots_dir)
         if path is not None:
             plots.append(path)

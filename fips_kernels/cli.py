@@ -76,16 +76,9 @@ def _bench(args: argparse.Namespace) -> int:
     rows = _run_sweep("bench", layer.run, config)
     if rows is None:
         return 130
-    print()
-    print(layer.summary_table(rows))
-    print()
-    skipped = sum(r["status"] == "skipped" for r in rows)
-    failed = sum(r["status"] == "failed" for r in rows)
-    print(f"wrote {len(rows)} rows ({skipped} skipped, {failed} failed) to {config.out}")
-    if config.device.type == "cpu":
-        print(f"note: {layer.CPU_NOTE}")
-    return _our_rows_broken("bench", rows, "this package's own providers",
-                            lambda b: f"{b['provider']} {b['preset']} {b['kind']} {b['pattern']} M={b['M']}")
+    return _finish_sweep("bench", rows, layer.summary_table(rows), config, layer.CPU_NOTE,
+                         "this package's own providers",
+                         lambda b: f"{b['provider']} {b['preset']} {b['kind']} {b['pattern']} M={b['M']}")
 
 
 def _add_bench(sub) -> None:
@@ -140,10 +133,20 @@ def _run_sweep(command: str, run, config):
         return None
 
 
-def _our_rows_broken(command: str, rows, what: str, describe) -> int:
-    """1 (and a one-line error naming the first) when a row of this package's own
-    providers failed or disagrees with the reference; else 0."""
+def _finish_sweep(command: str, rows, table: str, config, cpu_note: str, what: str, describe) -> int:
+    """Print the summary table, the row counts and (on a CPU) what CPU timings mean;
+    1 (and a one-line error naming the first) when a row of this package's own
+    providers failed or disagrees with the reference, else 0."""
     from .bench.registry import OURS
+
+    print()
+    print(table)
+    print()
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+    print(f"wrote {len(rows)} rows ({counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed) "
+          f"to {config.out}")
+    if config.device.type == "cpu":
+        print(f"note: {cpu_note}")
 
     broken = [r for r in rows if r["role"] == OURS
               and (r["status"] == "failed" or r["reason"].startswith("WARNING"))]
@@ -180,16 +183,9 @@ def _bench_e2e(args: argparse.Namespace) -> int:
     rows = _run_sweep("bench-e2e", e2e.run, config)
     if rows is None:
         return 130
-    print()
-    print(e2e.summary_table(rows))
-    print()
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
-    print(f"wrote {len(rows)} rows ({counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed) "
-          f"to {config.out}")
-    if config.device.type == "cpu":
-        print(f"note: {e2e.CPU_NOTE}")
-    return _our_rows_broken("bench-e2e", rows, "this package's FiPS models",
-                            lambda b: f"{b['model']} {b['dtype']} {b['mode']} {b['pattern']} batch {b['batch']}")
+    return _finish_sweep("bench-e2e", rows, e2e.summary_table(rows), config, e2e.CPU_NOTE,
+                         "this package's FiPS models",
+                         lambda b: f"{b['model']} {b['dtype']} {b['mode']} {b['pattern']} batch {b['batch']}")
 
 
 def _add_bench_e2e(sub) -> None:

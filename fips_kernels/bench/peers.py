@@ -408,38 +408,37 @@ class Wanda(Peer):
         return quantizers.wanda(W, norms, sparsity, pattern=pattern)
 
 
-@register_peer
-class HQQ(Peer):
-    name = "hqq"
-    library = "hqq"
-    description = "HQQ (half-quadratic quantisation; the hqq package's HQQLinear), fp16 scale and zero per group"
+class _Library(Peer):
+    """A quantiser from a library users install (its algorithm in :mod:`.quantizers`)."""
+
+    module = ""       # the package that must import
+    function = ""     # the :mod:`.quantizers` function: (W, bits, group) -> Compressed
     quality_settings = _bits_groups((8, 4, 3, 2), (64, 128))
 
     def quality_reasons(self):
-        return _importable("hqq")
+        return _importable(self.module)
 
     def compress_weight(self, W, stats, bits, group=64):
         from . import quantizers
 
-        return quantizers.hqq_weight(W, bits, group)
+        return getattr(quantizers, self.function)(W, bits, group)
 
 
 @register_peer
-class TorchAO(Peer):
-    name = "torchao"
-    library = "torchao"
+class HQQ(_Library):
+    name = library = module = "hqq"
+    function = "hqq_weight"
+    description = "HQQ (half-quadratic quantisation; the hqq package's HQQLinear), fp16 scale and zero per group"
+
+
+@register_peer
+class TorchAO(_Library):
+    name = library = module = "torchao"
+    function = "torchao_weight"
     description = ("torchao weight-only: Int8WeightOnlyConfig (per channel), IntxWeightOnlyConfig int4/int3/int2 "
                    "per group (the CPU path)")
     quality_settings = (dict(bits=8), *_bits_groups((4, 3, 2)))
     quality_note = "counted at the bit width; torchao keeps int2-int4 values unpacked in int8 on the CPU"
-
-    def quality_reasons(self):
-        return _importable("torchao")
-
-    def compress_weight(self, W, stats, bits, group=64):
-        from . import quantizers
-
-        return quantizers.torchao_weight(W, bits, group)
 
 
 class _Unavailable(Peer):
