@@ -402,6 +402,17 @@ def _style(provider: str, role: str, color: Optional[str] = None) -> dict:
     return style
 
 
+def _figure_legend(fig, axes) -> None:
+    """One legend below the panels: every label once, in first-seen order."""
+    handles, labels = [], []
+    for ax in axes.flat:
+        for hnd, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(hnd)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
+
+
 def _log2_axis(ax, xs: Sequence[int]) -> None:
     """A log2 x axis with a labelled tick at each measured value (few ticks: quick to lay out)."""
     from matplotlib.ticker import FixedLocator, NullLocator
@@ -457,13 +468,7 @@ def layer_plots(rows: Sequence[Row], gpu: str, preset: str, plots_dir: Path,
                                   fontsize=8)
                 if i == len(kinds) - 1:
                     ax.set_xlabel("M (rows of x)", fontsize=8)
-        handles, labels = [], []
-        for ax in axes.flat:
-            for hnd, lab in zip(*ax.get_legend_handles_labels()):
-                if lab not in labels:
-                    handles.append(hnd)
-                    labels.append(lab)
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
+        _figure_legend(fig, axes)
         fig.suptitle(f"{preset} on {gpu}: " + ("speed-up over dense F.linear" if what == "speedup"
                                                  else "achieved bandwidth vs the run's measured copy bandwidth"))
         fig.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.92, wspace=0.25, hspace=0.35)
@@ -607,13 +612,7 @@ def e2e_plot(rows: Sequence[Row], gpu: str, model: str, plots_dir: Path) -> Opti
             ax.set_xlabel("batch", fontsize=8)
             if j == 0:
                 ax.set_ylabel("speed-up over dense model", fontsize=8)
-    handles, labels = [], []
-    for ax in axes.flat:
-        for hnd, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(hnd)
-                labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
+    _figure_legend(fig, axes)
     fig.suptitle(f"{model} on {gpu}: speed-up over the dense model")
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.2 if len(dtypes) == 1 else 0.14, top=0.88,
                         wspace=0.25, hspace=0.4)

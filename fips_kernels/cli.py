@@ -73,12 +73,8 @@ def _bench(args: argparse.Namespace) -> int:
     except (layer.BenchError, _UsageError) as exc:
         print(f"{PROG} bench: error: {exc}", file=sys.stderr)
         return 2
-    rows = _run_sweep("bench", layer.run, config)
-    if rows is None:
-        return 130
-    return _finish_sweep("bench", rows, layer.summary_table(rows), config, layer.CPU_NOTE,
-                         "this package's own providers",
-                         lambda b: f"{b['provider']} {b['preset']} {b['kind']} {b['pattern']} M={b['M']}")
+    return _sweep("bench", layer, config, "this package's own providers",
+                  lambda b: f"{b['provider']} {b['preset']} {b['kind']} {b['pattern']} M={b['M']}")
 
 
 def _add_bench(sub) -> None:
@@ -124,13 +120,15 @@ def _timing_arguments(p, csv_stem: str, *, warmup: int, rep: int, reps: str, see
     p.add_argument("--list", action="store_true", help=f"list {listed}, then exit")
 
 
-def _run_sweep(command: str, run, config):
-    """``run(config)``'s rows, or None after an interrupt (said, with where the rows are)."""
+def _sweep(command: str, bench, config, what: str, describe) -> int:
+    """Run ``bench.run(config)`` (a benchmark module: ``run``, ``summary_table``,
+    ``CPU_NOTE``) and summarise it; 130 after an interrupt (said, with where the rows are)."""
     try:
-        return run(config)
+        rows = bench.run(config)
     except KeyboardInterrupt:
         print(f"\n{PROG} {command}: interrupted; the rows written so far are in {config.out}", file=sys.stderr)
-        return None
+        return 130
+    return _finish_sweep(command, rows, bench.summary_table(rows), config, bench.CPU_NOTE, what, describe)
 
 
 def _finish_sweep(command: str, rows, table: str, config, cpu_note: str, what: str, describe) -> int:
@@ -180,12 +178,8 @@ def _bench_e2e(args: argparse.Namespace) -> int:
     except (BenchError, _UsageError) as exc:
         print(f"{PROG} bench-e2e: error: {exc}", file=sys.stderr)
         return 2
-    rows = _run_sweep("bench-e2e", e2e.run, config)
-    if rows is None:
-        return 130
-    return _finish_sweep("bench-e2e", rows, e2e.summary_table(rows), config, e2e.CPU_NOTE,
-                         "this package's FiPS models",
-                         lambda b: f"{b['model']} {b['dtype']} {b['mode']} {b['pattern']} batch {b['batch']}")
+    return _sweep("bench-e2e", e2e, config, "this package's FiPS models",
+                  lambda b: f"{b['model']} {b['dtype']} {b['mode']} {b['pattern']} batch {b['batch']}")
 
 
 def _add_bench_e2e(sub) -> None:
