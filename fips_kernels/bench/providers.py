@@ -73,29 +73,25 @@ class FiPS(Provider):
     name = "fips"
     description = "the FiPSLinear (dispatched op; the backend dispatch picks)"
     role = OURS
+    backend: Optional[str] = None  # a backend forced around each call (None: dispatch picks)
 
     def prepare(self, case: LayerCase) -> Prepared:
-        layer = case.layer
-        return Prepared(run=layer, weight_bytes=case.fips_weight_bytes,
+        layer, forced = case.layer, self.backend
+
+        def run(x):
+            with dispatch.use_backend(forced):
+                return layer(x)
+
+        return Prepared(run=layer if forced is None else run, weight_bytes=case.fips_weight_bytes,
                         flops=lambda M: factored_flops(case, M),
-                        backend=lambda M: dispatched_backend(layer, M))
+                        backend=forced or (lambda M: dispatched_backend(layer, M)))
 
 
 @register
-class Reference(Provider):
+class Reference(FiPS):
     name = "reference"
     description = "the FiPSLinear forced onto the pure-PyTorch reference backend"
-    role = OURS
-
-    def prepare(self, case: LayerCase) -> Prepared:
-        layer = case.layer
-
-        def run(x):
-            with dispatch.use_backend("reference"):
-                return layer(x)
-
-        return Prepared(run=run, weight_bytes=case.fips_weight_bytes,
-                        flops=lambda M: factored_flops(case, M), backend="reference")
+    backend = "reference"
 
 
 class _TritonStrategy(Provider):
