@@ -5,6 +5,7 @@
     fips-kernels bench [options]      the layer benchmark (CSV + summary); see ``fips-kernels bench -h``
     fips-kernels bench-e2e [options]  whole models (DeiT-B, Swin-L, a Llama MLP stack), dense vs FiPS vs peers
     fips-kernels bench-quality [MODEL]  quality per byte: FiPS vs RTN, HQQ, GPTQ, SparseGPT, Wanda, torchao
+    fips-kernels bench-cpu [options]  CPU speed of the compressed all-MiniLM-L6-v2: dense vs the two CPU modes
     fips-kernels --version
 
 Also runs as ``python -m fips_kernels.cli``. Bad arguments print a one-line
@@ -221,6 +222,16 @@ def _add_bench_quality(sub) -> None:
     p.set_defaults(func=lambda args: quality.main_args(args, PROG))
 
 
+# ---------------------------------------------------------------- bench-cpu
+
+def _add_bench_cpu(sub) -> None:
+    from .bench import cpu
+
+    p = sub.add_parser("bench-cpu", help=cpu.HELP, description=cpu.DESCRIPTION)
+    cpu.add_arguments(p)
+    p.set_defaults(func=lambda args: cpu.main_args(args, PROG))
+
+
 # ---------------------------------------------------------------- info
 
 def _info(args: argparse.Namespace) -> int:
@@ -362,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_bench_e2e(sub)
     _add_bench_quality(sub)
+    _add_bench_cpu(sub)
     _add_compress(sub)
     _add_info(sub)
     return parser
