@@ -1,7 +1,13 @@
 """Build script for fips_kernels.
 
 Project metadata lives in pyproject.toml; this file only adds the packages
-and the optional CUDA extension ``fips_kernels._C`` (csrc/*.cpp + csrc/*.cu).
+and two optional compiled modules: the CPU kernels ``fips_kernels._cpu``
+(csrc/cpu/*.cpp, the ``cpu`` backend, docs/CPU.md) and the CUDA extension
+``fips_kernels._C`` (csrc/*.cpp + csrc/*.cu).
+
+The CPU kernels are built whenever torch is importable (a C++ compiler is
+all they need); without them the ``cpu`` backend runs only dense factors and
+bitmap layers fall back to the reference backend.
 
 The extension is built only when torch is importable, torch is a CUDA build
 (``torch.version.cuda`` is set) and a CUDA toolkit with ``bin/nvcc`` is found
@@ -12,6 +18,7 @@ line saying why is printed. torch must be installed beforehand:
     pip install --no-build-isolation -e .
 
 Environment:
+    FIPS_KERNELS_SKIP_CPU_BUILD=1    do not build the CPU kernels
     FIPS_KERNELS_SKIP_CUDA_BUILD=1   do not build the extension
     FIPS_KERNELS_DEBUG_BUILD=1       -g -O0 host code, -G device code
     TORCH_CUDA_ARCH_LIST             default "8.0;9.0"
@@ -26,6 +33,7 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EXT_NAME = "fips_kernels._C"
+CPU_EXT_NAME = "fips_kernels._cpu"
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 
@@ -80,79 +88,102 @@ def _limited_api(cpp_extension):
 
 def _skip(reason):
     _say(f"not building the CUDA extension {EXT_NAME}: {reason}. "
-         "fips_kernels will use its Triton and reference backends only.")
-    return [], {}, {}
+         "fips_kernels will use its Triton, CPU and reference backends only.")
+    return None
 
 
-def get_extensions():
-    """Returns (ext_modules, cmdclass, options)."""
-    if _env_flag("FIPS_KERNELS_SKIP_CUDA_BUILD"):
-        return _skip("FIPS_KERNELS_SKIP_CUDA_BUILD is set")
+def _sources(folder, patterns):
+    return sorted(os.path.relpath(p, ROOT) for pattern in patterns for p in glob.glob(os.path.join(ROOT, folder,
+                                                                                                   pattern)))
 
-    try:
-        import torch
-    except ImportError as exc:
-        return _skip(f"torch is not importable ({exc}); install torch first and "
-                     "use `pip install --no-build-isolation`")
 
-    if torch.version.cuda is None:
-        return _skip(f"torch {torch.__version__} is not a CUDA build "
-                     "(torch.version.cuda is None)")
+def _cpu_extension(cpp_extension, cxx_flags, limited_api):
+    """The CPU kernels (a CppExtension: no CUDA toolkit needed), or None."""
+    if _env_flag("FIPS_KERNELS_SKIP_CPU_BUILD"):
+        _say(f"not building the CPU kernels {CPU_EXT_NAME}: FIPS_KERNELS_SKIP_CPU_BUILD is set")
+        return None
+    import torch
 
-    cuda_home, tried = _find_cuda_home()
-    if cuda_home is None:
-        return _skip("no CUDA toolkit found (looked at: " + ", ".join(tried)
-                     + "); set CUDA_HOME to a toolkit with bin/nvcc")
-
-    # Must happen before torch.utils.cpp_extension is imported: it resolves
-    # CUDA_HOME and reads the arch list at import / build time.
-    os.environ["CUDA_HOME"] = cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
-    os.environ.setdefault("MAX_JOBS", str(_num_cores()))
-
-    from torch.utils import cpp_extension
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-
-    debug = _env_flag("FIPS_KERNELS_DEBUG_BUILD")
-    # No -std flag: torch adds the standard its headers need (C++17 up to
-    # torch 2.9, C++20 from 2.10; an explicit -std=c++17 breaks torch >= 2.10).
-    # No --use_fast_math: results must match the reference exactly enough.
-    if debug:
-        cxx_flags = ["-g", "-O0"]
-        nvcc_flags = ["-g", "-G", "-O0"]
-    else:
-        cxx_flags = ["-O3"]
-        nvcc_flags = ["-O3", "-lineinfo"]
-
-    limited_api, abi_tag, define = _limited_api(cpp_extension)
-    if define:
-        cxx_flags.append(define)
-
-    sources = sorted(
-        os.path.relpath(p, ROOT)
-        for pattern in ("csrc/*.cpp", "csrc/*.cu")
-        for p in glob.glob(os.path.join(ROOT, pattern))
+    _say(f"building {CPU_EXT_NAME} (csrc/cpu) for torch {torch.__version__}")
+    return cpp_extension.CppExtension(
+        name=CPU_EXT_NAME,
+        sources=_sources("csrc/cpu", ("*.cpp",)),
+        depends=_sources("csrc/cpu", ("*.h",)),
+        extra_compile_args={"cxx": list(cxx_flags)},
+        py_limited_api=limited_api,
     )
-    depends = sorted(os.path.relpath(p, ROOT)
-                     for p in glob.glob(os.path.join(ROOT, "csrc", "*.h")))
+
+
+def _cuda_extension(cxx_flags, nvcc_flags, limited_api, cuda_home, tried):
+    from torch.utils.cpp_extension import CUDAExtension
+    import torch
 
     if tried:
         _say("ignored " + ", ".join(tried))
     _say(f"building {EXT_NAME} with CUDA toolkit {cuda_home} for torch "
          f"{torch.__version__} (CUDA {torch.version.cuda}), "
          f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, "
-         f"MAX_JOBS={os.environ['MAX_JOBS']}, "
-         f"{'debug' if debug else 'release'} build, py_limited_api={abi_tag}")
-
-    ext = CUDAExtension(
+         f"MAX_JOBS={os.environ['MAX_JOBS']}, py_limited_api={limited_api}")
+    return CUDAExtension(
         name=EXT_NAME,
-        sources=sources,
-        depends=depends,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        sources=_sources("csrc", ("*.cpp", "*.cu")),
+        depends=_sources("csrc", ("*.h",)),
+        extra_compile_args={"cxx": list(cxx_flags), "nvcc": nvcc_flags},
         py_limited_api=limited_api,
     )
+
+
+def _cuda_toolkit():
+    """(toolkit dir, places tried) when the CUDA extension should be built, else None (says why)."""
+    if _env_flag("FIPS_KERNELS_SKIP_CUDA_BUILD"):
+        return _skip("FIPS_KERNELS_SKIP_CUDA_BUILD is set")
+    import torch
+
+    if torch.version.cuda is None:
+        return _skip(f"torch {torch.__version__} is not a CUDA build (torch.version.cuda is None)")
+    cuda_home, tried = _find_cuda_home()
+    if cuda_home is None:
+        return _skip("no CUDA toolkit found (looked at: " + ", ".join(tried)
+                     + "); set CUDA_HOME to a toolkit with bin/nvcc")
+    return cuda_home, tried
+
+
+def get_extensions():
+    """Returns (ext_modules, cmdclass, options)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        _say(f"not building {CPU_EXT_NAME} nor {EXT_NAME}: torch is not importable ({exc}); install torch "
+             "first and use `pip install --no-build-isolation`")
+        return [], {}, {}
+
+    cuda = _cuda_toolkit()
+    if cuda is not None:
+        # Must happen before torch.utils.cpp_extension is imported: it resolves
+        # CUDA_HOME and reads the arch list at import / build time.
+        os.environ["CUDA_HOME"] = cuda[0]
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    os.environ.setdefault("MAX_JOBS", str(_num_cores()))
+
+    from torch.utils import cpp_extension
+    from torch.utils.cpp_extension import BuildExtension
+
+    debug = _env_flag("FIPS_KERNELS_DEBUG_BUILD")
+    # No -std flag: torch adds the standard its headers need (C++17 up to
+    # torch 2.9, C++20 from 2.10; an explicit -std=c++17 breaks torch >= 2.10).
+    # No --use_fast_math / -ffast-math: results must match the reference exactly enough.
+    cxx_flags = ["-g", "-O0"] if debug else ["-O3"]
+    nvcc_flags = ["-g", "-G", "-O0"] if debug else ["-O3", "-lineinfo"]
+    limited_api, abi_tag, define = _limited_api(cpp_extension)
+    if define:
+        cxx_flags.append(define)
+
+    exts = [e for e in (_cpu_extension(cpp_extension, cxx_flags, limited_api),
+                        _cuda_extension(cxx_flags, nvcc_flags, limited_api, *cuda) if cuda else None) if e]
+    if not exts:
+        return [], {}, {}
     options = {"bdist_wheel": {"py_limited_api": abi_tag}} if limited_api else {}
-    return [ext], {"build_ext": BuildExtension}, options
+    return exts, {"build_ext": BuildExtension}, options
 
 
 ext_modules, cmdclass, options = get_extensions()

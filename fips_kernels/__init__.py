@@ -5,15 +5,16 @@ FiPS (a dense base ``U`` shared across layers times per-layer sparse factors
 path, Triton and CUDA backends chosen by :mod:`fips_kernels.dispatch`, and
 safetensors checkpoints.
 
-Importing never fails because of the compiled extension: a missing or broken
-``fips_kernels._C`` is logged once and the ``cuda`` backend reports why it
-cannot run.
+Importing never fails because of the compiled modules: a missing or broken
+``fips_kernels._C`` (CUDA) or ``fips_kernels._cpu`` (CPU kernels) is logged
+once and the backend that needs it reports why it cannot run. On CPU tensors
+FiPS layers follow :mod:`fips_kernels.cpu`'s modes (speed or compressed).
 """
 from . import _extension
 
 _extension.load()
 
-from . import dispatch, reference  # noqa: E402
+from . import cpu, dispatch, reference  # noqa: E402
 from .dispatch import BackendUnavailable, use_backend  # noqa: E402
 from .formats import FormatError, SparseFactor  # noqa: E402
 from .io import CheckpointError, load, save  # noqa: E402
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 hf.install()  # `import fips_kernels` makes AutoModel.from_pretrained(DIR) load FiPS directories
 
 __all__ = [
+    "cpu",
     "BackendUnavailable",
     "HashedEmbedding",
     "HashedLinear",

@@ -271,6 +271,15 @@ def _info(args: argparse.Namespace) -> int:
         print("CUDA extension (fips_kernels._C): available")
     else:
         print(f"CUDA extension (fips_kernels._C): not available: {_extension.error()}")
+    if _extension.CPU.available():
+        print(f"CPU kernels (fips_kernels._cpu): available, {torch.ops.fips_kernels_cpu.isa()} code"
+              + (", AVX-512 row kernel" if torch.ops.fips_kernels_cpu.has_rows_kernel() else ""))
+    else:
+        print(f"CPU kernels (fips_kernels._cpu): not available: {_extension.CPU.error()}")
+    from . import cpu
+
+    print(f"CPU mode (FiPS layers on CPU tensors): {cpu.default_mode()} by default "
+          f"({cpu.ENV_VAR} or fips_kernels.cpu.set_mode to change)")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)

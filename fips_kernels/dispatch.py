@@ -1,7 +1,7 @@
 """One priority runner over the registered backends, for the FiPS ops and the
 hashed ops alike.
 
-Each backend (a package: ``cuda/``, ``triton/``, ``reference/`` — see
+Each backend (a package: ``cuda/``, ``cpu/``, ``triton/``, ``reference/`` — see
 :data:`BACKEND_PACKAGES`) declares once what it supports — ops, device types,
 dtypes, factor formats — and answers ``not_supported_reasons(problem)`` with
 those checks plus its own per-problem hook (:meth:`Backend.problem_reasons`:
@@ -48,7 +48,7 @@ __all__ = [
 
 ENV_VAR = "FIPS_KERNELS_BACKEND"
 # Priority order: each is a subpackage of fips_kernels whose ``backend`` module registers one Backend.
-BACKEND_PACKAGES = ("cuda", "triton", "reference")
+BACKEND_PACKAGES = ("cuda", "cpu", "triton", "reference")
 FIPS_OPS = ("expand", "contract", "gate_up", "reconstruct")
 
 

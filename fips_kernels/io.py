@@ -377,7 +377,8 @@ def _build(header: dict, tensors: Dict[str, torch.Tensor], path, validate: bool 
 
 
 def load(path: PathLike, model: Union[nn.Module, Callable[[], nn.Module], None] = None, *,
-         map_location: Union[str, torch.device] = "cpu", strict: bool = True) -> nn.Module:
+         map_location: Union[str, torch.device] = "cpu", strict: bool = True,
+         cpu_mode: Optional[str] = None) -> nn.Module:
     """Load a checkpoint written by :func:`save` (a ``.safetensors`` file) or
     :func:`fips_kernels.save_pretrained` (a directory).
 
@@ -393,9 +394,21 @@ def load(path: PathLike, model: Union[nn.Module, Callable[[], nn.Module], None] 
     * ``model`` a callable (e.g. ``lambda: BertModel(config)``): it is called
       under :func:`fips_kernels.empty_weights`, then loaded as above.
 
+    ``cpu_mode``: ``"speed"`` or ``"compressed"`` (:mod:`fips_kernels.cpu`; None:
+    ``FIPS_KERNELS_CPU_MODE`` or the default, applied on first use).
+
     Raises :class:`CheckpointError` for a damaged, truncated, edited,
     unknown-version or mismatched file; a refused load leaves ``model`` as it was.
     """
+    if cpu_mode is None:
+        return _load(path, model, map_location, strict)
+    from . import cpu
+
+    cpu.check_mode(cpu_mode)
+    return cpu.set_mode(_load(path, model, map_location, strict), cpu_mode)
+
+
+def _load(path, model, map_location, strict) -> nn.Module:
     file, directory = _resolve(path)
     if model is not None and not isinstance(model, nn.Module):
         if not callable(model):

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from . import cpu as cpu_modes
 from . import dispatch, fusion, ops, reference
 from .formats import AUX_NAMES, SparseFactor
 
@@ -174,6 +175,7 @@ class FiPSLinear(nn.Module):
         self.set_activation(activation)
         self._weight_cache: Optional[torch.Tensor] = None
         self._cache_versions: Tuple[int, ...] = ()
+        self.cpu_mode: Optional[str] = None  # "speed" / "compressed" / None (the default): fips_kernels.cpu
 
     # ---- the factors ------------------------------------------------------
     @property
@@ -258,19 +260,51 @@ class FiPSLinear(nn.Module):
                                           self.V_values.device, M, self._base.d, self.activation)
 
     # ---- speed over memory: a cached dense weight for large M ---------------
-    def cache_weight(self, enabled: bool = True) -> int:
+    def cache_weight(self, enabled: bool = True, dtype: Optional[torch.dtype] = None) -> int:
         """Keep the rebuilt dense weight for inputs of at least the large-M
         crossover rows (where a call would rebuild it anyway), trading
         ``out·in·itemsize`` bytes of memory for the rebuild. Returns the bytes
         the cache holds. The cache is refreshed when ``U`` or the factor values
-        change in place (eager mode); call again after replacing them."""
+        change in place (eager mode); call again after replacing them.
+        ``dtype``: the cached weight's dtype (default: the factor's)."""
         if not enabled:
             self._weight_cache = None
             return 0
         with torch.no_grad():
-            self._weight_cache = self.weight.detach()
+            self._weight_cache = self.weight.detach().to(dtype or self.factor.dtype)
         self._cache_versions = self._versions()
         return self._weight_cache.numel() * self._weight_cache.element_size()
+
+    def prepare_cpu_weight(self) -> int:
+        """The CPU speed mode's one-time rebuild (:mod:`fips_kernels.cpu`): the dense
+        weight in fp32 for fp16/bf16 factors (no fast half GEMM on CPUs; rebuilt
+        from the fp32 values of the factors, not rounded to half), else in the
+        factor's dtype. Returns the bytes held."""
+        half = self.factor.dtype in (torch.float16, torch.bfloat16)
+        dtype = torch.float32 if half else self.factor.dtype
+        if self._weight_cache is not None and self._weight_cache.dtype == dtype \
+                and self._weight_cache.device == self.V_values.device and self._versions() == self._cache_versions:
+            return self._weight_cache.numel() * self._weight_cache.element_size()
+        if not half:
+            return self.cache_weight(True, dtype)
+        with torch.no_grad():
+            self._weight_cache = ops.reconstruct(self._base.operand.to(dtype), self.factor.to(dtype), self.kind)
+        self._cache_versions = self._versions()
+        return self._weight_cache.numel() * self._weight_cache.element_size()
+
+    def cpu_speed_path(self, x: torch.Tensor) -> bool:
+        """Whether this call runs the CPU speed mode's dense GEMM: inference on a CPU
+        float input the layer accepts, in speed mode."""
+        return (x.device.type == "cpu" and self.V_values.device.type == "cpu" and not torch.is_grad_enabled()
+                and x.is_floating_point() and (self.cast_input or x.dtype == self.compute_dtype)
+                and cpu_modes.mode_of(self) == "speed")
+
+    def _cpu_dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.prepare_cpu_weight()
+        W = self._weight_cache
+        bias = None if self.bias is None else self.bias.to(W.dtype)
+        y = reference.activate(torch.nn.functional.linear(x.to(W.dtype), W, bias), self.activation)
+        return y.to(x.dtype)
 
     def _versions(self) -> Tuple[int, ...]:
         return tuple(t._version for t in (self._base.U, self._base.U_scales, self.V_values, self.V_scales)
@@ -283,21 +317,25 @@ class FiPSLinear(nn.Module):
         return M >= reconstruct_min_m(x.device, self.kind, self.factor, self._base.d)
 
     def _cached_weight(self) -> torch.Tensor:
-        if self._versions() != self._cache_versions or self._weight_cache.device != self.V_values.device \
-                or self._weight_cache.dtype != self.factor.dtype:
-            self.cache_weight(True)
+        if self._versions() != self._cache_versions or self._weight_cache.device != self.V_values.device:
+            self.cache_weight(True, self._weight_cache.dtype)
         return self._weight_cache
 
     # ---- forward ----------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_speed_path(x):
+            return self._cpu_dense_forward(x)
+        if self.cast_input and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
+            return self._forward(x)  # fp32 activations, half factors: the ops take them as they are ("mixed")
         if self.cast_input and x.is_floating_point() and x.dtype != self.compute_dtype:
             return self._forward(x.to(self.compute_dtype)).to(x.dtype)
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._weight_cache is not None and not torch.is_grad_enabled() and self._large_m(x):
-            y = torch.nn.functional.linear(x, self._cached_weight(), self.bias)
-            return reference.activate(y, self.activation)
+            W = self._cached_weight()
+            y = torch.nn.functional.linear(x.to(W.dtype), W, None if self.bias is None else self.bias.to(W.dtype))
+            return reference.activate(y, self.activation).to(x.dtype)
         aux = [getattr(self, n) for n in self._aux_names] + [None, None]
         base = self._base
         if self.kind == "expand":
@@ -431,8 +469,9 @@ class FiPSGatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate, self.up
-        if gate._weight_cache is not None and up._weight_cache is not None and not torch.is_grad_enabled() \
-                and gate._large_m(x):  # cached dense weights (cache_weights): two dense GEMMs
+        if gate.cpu_speed_path(x) or (gate._weight_cache is not None and up._weight_cache is not None
+                                      and not torch.is_grad_enabled() and gate._large_m(x)):
+            # the CPU speed mode, or cached dense weights (cache_weights): two dense GEMMs
             return self.down(torch.nn.functional.silu(gate(x)) * up(x))
         dtype = gate.compute_dtype
         z = x.to(dtype) if gate.cast_input and x.is_floating_point() else x

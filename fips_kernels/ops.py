@@ -127,8 +127,12 @@ def check_inputs(kind: str, x: Optional[torch.Tensor], U: torch.Tensor, U_scales
         if x.dim() < 1 or x.shape[-1] != in_f:
             raise ValueError(f"{op}: expected input of shape (*, {in_f}) (in_features={in_f}), "
                              f"got {_shape(x)}")
-        if x.dtype != dtype:
-            raise TypeError(f"{op}: dtype mismatch: input is {x.dtype} but the layer's factors are {dtype}")
+        # fp32 activations with fp16/bf16 factors ("mixed": the arithmetic is fp32 either way, the
+        # output is fp32) spare a CPU model two casts per layer; any other mismatch is refused
+        mixed = x.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)
+        if x.dtype != dtype and not mixed:
+            raise TypeError(f"{op}: dtype mismatch: input is {x.dtype} but the layer's factors are {dtype} "
+                            f"(float32 input is accepted with float16/bfloat16 factors)")
         if x.device != U.device:
             raise ValueError(f"{op}: device mismatch: input is on {x.device} but the layer's factors "
                              f"are on {U.device}")

@@ -119,7 +119,7 @@ def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optiona
              base_qbits: Optional[int] = None,
              factor_dtype: Union[None, str, torch.dtype] = None, finetune_steps: Optional[int] = None,
              finetune_lr: float = 1e-4, ratio: Optional[float] = None,
-             prune_schedule: str = "cubic") -> Tuple[nn.Module, CompressionReport]:
+             prune_schedule: str = "cubic", cpu_mode: Optional[str] = None) -> Tuple[nn.Module, CompressionReport]:
     """Compress the MLPs of ``model`` with FiPS, in place; returns ``(model, report)``.
 
     ``compress(model, config, calib_data=...)`` takes the settings as one
@@ -194,6 +194,8 @@ def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optiona
             memory of a backward pass through the whole model.
         prune_schedule: ``"cubic"`` (from dense) or ``"accelerated"`` (the FiPS authors'
             code: sparsity 0.05, then a jump to 0.5 at the first update, then cubic).
+        cpu_mode: how the returned model runs on a CPU, ``"speed"`` or ``"compressed"``
+            (:mod:`fips_kernels.cpu`; None: ``FIPS_KERNELS_CPU_MODE`` or the default).
         factor_dtype: store the packed factors in ``torch.float16`` or ``torch.bfloat16``
             (None or the model's dtype: the model's). Training is unchanged (fp32); at
             packing ``U``, float factor values, the scales of int8/int4 values and of an
@@ -205,6 +207,10 @@ def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optiona
     """
     if isinstance(budget, CompressConfig):  # compress(model, config, ...): the config, then explicit keywords
         return compress(model, **merge(compress, budget, {k: v for k, v in locals().items() if k != "model"}))
+    if cpu_mode is not None:
+        from .. import cpu
+
+        cpu.check_mode(cpu_mode)
     t_start = time.perf_counter()
     factor_dtype = resolve_factor_dtype(factor_dtype)
     preset = resolve_preset(model, preset)
@@ -393,6 +399,8 @@ def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optiona
         seconds["evaluate"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
     report.seconds = seconds
+    if cpu_mode is not None:
+        cpu.set_mode(model, cpu_mode)
     return model, report
 
 

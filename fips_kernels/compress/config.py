@@ -51,6 +51,7 @@ class CompressConfig:
     finetune_lr: float = 1e-4
     ratio: Optional[float] = None
     prune_schedule: str = "cubic"
+    cpu_mode: Optional[str] = None   # how the returned model runs on a CPU (fips_kernels.cpu)
 
     def replace(self, **changes) -> "CompressConfig":
         return dataclasses.replace(self, **changes)

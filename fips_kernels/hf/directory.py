@@ -272,7 +272,7 @@ def save_pretrained(model: nn.Module, directory, *, tokenizer=None, source: Opti
 
 # ---------------------------------------------------------------- reading
 
-def from_pretrained(directory, **kwargs) -> nn.Module:
+def from_pretrained(directory, *, cpu_mode: Optional[str] = None, **kwargs) -> nn.Module:
     """Load a directory written by :func:`save_pretrained`, without the dense model.
 
     A transformers model loads through its class's ``from_pretrained`` (the
@@ -280,7 +280,12 @@ def from_pretrained(directory, **kwargs) -> nn.Module:
     quantizer; a timm model is built by ``timm.create_model`` from the saved
     ``architecture`` and ``model_args`` (``kwargs`` added) with its parameters on
     the meta device, then filled by :func:`fips_kernels.load`. Returns the
-    model in eval mode."""
+    model in eval mode. ``cpu_mode``: as in :func:`fips_kernels.load`."""
+    from .. import cpu
+
+    if cpu_mode is not None:
+        cpu.check_mode(cpu_mode)
+        return cpu.set_mode(from_pretrained(directory, **kwargs), cpu_mode)
     directory = os.fspath(directory)
     cfg = read_config(directory)
     check_config(cfg.get("quantization_config"), os.path.join(directory, CONFIG_NAME))
