@@ -280,31 +280,36 @@ class FiPSLinear(nn.Module):
         weight in fp32 for fp16/bf16 factors (no fast half GEMM on CPUs; rebuilt
         from the fp32 values of the factors, not rounded to half), else in the
         factor's dtype. Returns the bytes held."""
-        half = self.factor.dtype in (torch.float16, torch.bfloat16)
-        dtype = torch.float32 if half else self.factor.dtype
-        if self._weight_cache is not None and self._weight_cache.dtype == dtype \
-                and self._weight_cache.device == self.V_values.device and self._versions() == self._cache_versions:
-            return self._weight_cache.numel() * self._weight_cache.element_size()
-        if not half:
-            return self.cache_weight(True, dtype)
-        with torch.no_grad():
-            self._weight_cache = ops.reconstruct(self._base.operand.to(dtype), self.factor.to(dtype), self.kind)
-        self._cache_versions = self._versions()
-        return self._weight_cache.numel() * self._weight_cache.element_size()
+        dtype = self.compute_dtype
+        half = dtype in (torch.float16, torch.bfloat16)
+        if half:
+            dtype = torch.float32
+        W = self._weight_cache
+        if W is None or W.dtype != dtype or W.device != self.V_values.device \
+                or self._versions() != self._cache_versions:
+            with torch.no_grad():
+                if half:
+                    W = ops.reconstruct(self._base.operand.to(dtype), self.factor.to(dtype), self.kind)
+                else:
+                    W = self.weight.detach()
+            self._weight_cache, self._cache_versions = W, self._versions()
+        return W.numel() * W.element_size()
 
     def cpu_speed_path(self, x: torch.Tensor) -> bool:
         """Whether this call runs the CPU speed mode's dense GEMM: inference on a CPU
         float input the layer accepts, in speed mode."""
-        return (x.device.type == "cpu" and self.V_values.device.type == "cpu" and not torch.is_grad_enabled()
-                and x.is_floating_point() and (self.cast_input or x.dtype == self.compute_dtype)
-                and cpu_modes.mode_of(self) == "speed")
+        return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.is_floating_point()
+                and cpu_modes.mode_of(self) == "speed" and self.V_values.device.type == "cpu")
 
     def _cpu_dense_forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.prepare_cpu_weight()
+        self.prepare_cpu_weight()  # a no-op once built (a version check)
         W = self._weight_cache
-        bias = None if self.bias is None else self.bias.to(W.dtype)
-        y = reference.activate(torch.nn.functional.linear(x.to(W.dtype), W, bias), self.activation)
-        return y.to(x.dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != W.dtype:
+            bias = bias.to(W.dtype)
+        y = torch.nn.functional.linear(x if x.dtype == W.dtype else x.to(W.dtype), W, bias)
+        y = reference.activate(y, self.activation)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _versions(self) -> Tuple[int, ...]:
         return tuple(t._version for t in (self._base.U, self._base.U_scales, self.V_values, self.V_scales)
@@ -323,6 +328,9 @@ class FiPSLinear(nn.Module):
 
     # ---- forward ----------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.cast_input and x.is_floating_point() and x.dtype != self.compute_dtype:
+            raise TypeError(f"FiPSLinear: dtype mismatch: input is {x.dtype} but the layer's factors are "
+                            f"{self.compute_dtype} (cast_input=True casts the input)")
         if self.cpu_speed_path(x):
             return self._cpu_dense_forward(x)
         if self.cast_input and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():

@@ -291,3 +291,18 @@ def test_gated_mlp_speed_and_compressed_agree():
         y_s = mlp(x)
     torch.testing.assert_close(y_c, truth, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(y_s, truth, rtol=1e-4, atol=1e-5)
+
+
+def test_an_override_wins_and_compress_runs_compressed():
+    model, layer = _layer(qbits=None, dtype=torch.float32)
+    fk.cpu.set_mode(model, "speed", prepare=False)
+    with torch.no_grad(), fk.cpu.override("compressed"):
+        layer(torch.randn(2, 70))
+        seen = fk.cpu.mode_of(layer)
+    assert seen == "compressed" and layer._weight_cache is None and fk.cpu.mode_of(layer) == "speed"
+    with pytest.raises(ValueError, match="cpu_mode must be one of"):
+        with fk.cpu.override("turbo"):
+            pass
+    from fips_kernels.compress.api import compress
+
+    assert compress.__wrapped__  # compression trains and evaluates under override("compressed")

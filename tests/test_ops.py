@@ -158,8 +158,9 @@ def test_cpu_runs_the_reference_backend_and_explains_why(monkeypatch):
     p = _cpu_problem()
     assert dispatch.select(p).name == "reference"
     reasons = dispatch.not_supported_reasons(p)
-    assert list(reasons) == ["cuda", "triton", "reference"]
+    assert list(reasons) == ["cuda", "cpu", "triton", "reference"]
     assert any("not a cuda device" in r for r in reasons["cuda"])
+    assert any("no cpu kernel for the 'nm' format" in r for r in reasons["cpu"])
     assert reasons["reference"] == []
     text = dispatch.explain(p)
     assert "reference  runs" in text and "cuda       cannot run" in text

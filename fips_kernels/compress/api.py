@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from .. import cpu
 from ..budget import group_rank, resolve_sparsity
 from ..formats import PATTERN_FORMATS, QUANT_FORMATS, FormatError
 from ..modules import fusion_report, install
@@ -105,6 +106,7 @@ def _check_args(budget, steps, pattern, sparsity, format, pruning, mask_scope, n
     return pat, s, fmt
 
 
+@cpu.compressed_while_running
 def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optional[float] = None,
              pattern: Optional[str] = None, group_size: Optional[int] = None, calib_data: Any = None,
              steps: int = 600, *, preset: Union[None, str, Preset] = None, unit: Optional[str] = None,
@@ -208,8 +210,6 @@ def compress(model: nn.Module, budget: Optional[float] = None, sparsity: Optiona
     if isinstance(budget, CompressConfig):  # compress(model, config, ...): the config, then explicit keywords
         return compress(model, **merge(compress, budget, {k: v for k, v in locals().items() if k != "model"}))
     if cpu_mode is not None:
-        from .. import cpu
-
         cpu.check_mode(cpu_mode)
     t_start = time.perf_counter()
     factor_dtype = resolve_factor_dtype(factor_dtype)

@@ -18,12 +18,16 @@ Training (grad enabled) and non-CPU inputs ignore the mode.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from typing import Optional
+import threading
+from typing import Iterator, Optional
 
 from torch import nn
 
-__all__ = ["MODES", "DEFAULT_MODE", "ENV_VAR", "default_mode", "check_mode", "mode_of", "set_mode"]
+__all__ = ["MODES", "DEFAULT_MODE", "ENV_VAR", "default_mode", "check_mode", "mode_of", "set_mode", "override",
+           "compressed_while_running"]
 
 MODES = ("speed", "compressed")
 # A user of a small encoder on a CPU (the README's MiniLM) expects the dense model's latency; its dense
@@ -44,9 +48,37 @@ def default_mode() -> str:
     return check_mode(value, ENV_VAR) if value else DEFAULT_MODE
 
 
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def override(mode: str) -> Iterator[None]:
+    """Every FiPS layer runs in ``mode`` inside the block (this thread), whatever its own."""
+    check_mode(mode)
+    previous = getattr(_local, "mode", None)
+    _local.mode = mode
+    try:
+        yield
+    finally:
+        _local.mode = previous
+
+
+def compressed_while_running(fn):
+    """Run ``fn`` under ``override("compressed")``: compression trains and evaluates the
+    layers while their values change, where a speed-mode rebuild would be redone on
+    every call and would hold the dense weights."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with override("compressed"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def mode_of(layer: nn.Module) -> str:
-    """The CPU mode of a FiPS layer: its own (set by :func:`set_mode`) or the default."""
-    return getattr(layer, "cpu_mode", None) or default_mode()
+    """The CPU mode of a FiPS layer: an :func:`override`, its own (set by
+    :func:`set_mode`), or the default."""
+    return getattr(_local, "mode", None) or layer.__dict__.get("cpu_mode") or default_mode()
 
 
 def set_mode(model: nn.Module, mode: Optional[str], *, prepare: bool = True) -> nn.Module:
