@@ -98,8 +98,17 @@ struct BitmapArgs {
   ValueKind bias_kind;
   int activation;
 
+  int64_t words, kt, nt;  // bitmask words per tile row; tiles down K and across N
   float scale(int64_t i) const { return load_float(scales, scale_kind, i); }
   float bias_at(int64_t i) const { return load_float(bias, bias_kind, i); }
+  // columns of strip j (the last one may be narrower than tn)
+  int64_t strip_cols(int64_t j) const { return N - j * tn < tn ? N - j * tn : tn; }
+  // strip j's scales in fp32, (groups × tn), zero past N
+  void strip_scales(int64_t j, int64_t groups, float* out) const {
+    const int64_t col0 = j * tn, cols = strip_cols(j);
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t c = 0; c < tn; ++c) out[g * tn + c] = c < cols ? scale(g * N + col0 + c) : 0.f;
+  }
 };
 
 // Per-thread scratch of one column strip (kt tiles × 64): see bitmap_mm_body.h.
@@ -113,9 +122,6 @@ struct TileScratch {
   int64_t groups;
 };
 
-#ifndef FIPS_PANEL_WIDE
-#define FIPS_PANEL_WIDE 32
-#endif
 #define FIPS_VBYTES 16
 namespace baseline {
 #include "bitmap_mm_body.h"
@@ -173,20 +179,18 @@ static const char* isa_name(const std::string& requested = "") {
   return requested == "avx512" ? "avx512" : requested == "avx2" ? "avx2" : "baseline";
 }
 
-static ColumnsFn columns_fn(const char* isa) {
-#ifdef FIPS_CPU_MULTI_ISA
-  if (std::strcmp(isa, "avx512") == 0) return avx512::bitmap_mm_columns;
-  if (std::strcmp(isa, "avx2") == 0) return avx2::bitmap_mm_columns;
-#endif
-  return baseline::bitmap_mm_columns;
-}
+// The walk's entry points in one ISA copy.
+struct IsaCopy {
+  ColumnsFn columns;
+  RowsFn rows_per_pass;
+};
 
-static RowsFn rows_per_pass_fn(const char* isa) {
+static IsaCopy isa_copy(const char* isa) {
 #ifdef FIPS_CPU_MULTI_ISA
-  if (std::strcmp(isa, "avx512") == 0) return avx512::rows_per_pass;
-  if (std::strcmp(isa, "avx2") == 0) return avx2::rows_per_pass;
+  if (std::strcmp(isa, "avx512") == 0) return {avx512::bitmap_mm_columns, avx512::rows_per_pass};
+  if (std::strcmp(isa, "avx2") == 0) return {avx2::bitmap_mm_columns, avx2::rows_per_pass};
 #endif
-  return baseline::rows_per_pass;
+  return {baseline::bitmap_mm_columns, baseline::rows_per_pass};
 }
 
 #ifdef FIPS_CPU_MULTI_ISA
@@ -244,6 +248,7 @@ static BitmapArgs bitmap_args(const char* op, const at::Tensor& x, const at::Ten
   TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D, got ", values.sizes());
   BitmapArgs a{};
   a.M = M, a.K = K, a.N = N, a.tk = tk, a.tn = tn, a.qgroup = qgroup > 0 ? qgroup : 1;
+  a.words = tn / 32, a.kt = kt, a.nt = nt;
   a.activation = static_cast<int>(activation);
   int64_t capacity = values.size(0);
   if (qbits == 0) {
@@ -311,7 +316,8 @@ at::Tensor bitmap_mm(const at::Tensor& x, const at::Tensor& values, const at::Te
 #endif
   TORCH_CHECK(path != "rows" || rows_ok, "fips_kernels_cpu::bitmap_mm: path 'rows' cannot run: ", rows_why);
   // xT packed pass by pass: (passes × K × MC), rows past M zero (see bitmap_mm_body.h)
-  const int64_t mc = rows_per_pass_fn(copy)(M);
+  const IsaCopy fns = isa_copy(copy);
+  const int64_t mc = fns.rows_per_pass(M);
   const int64_t passes = (M + mc - 1) / mc;
   at::Tensor packed = at::zeros({passes, K, mc}, x.options());
   for (int64_t p = 0; p < passes; ++p) {
@@ -320,7 +326,7 @@ at::Tensor bitmap_mm(const at::Tensor& x, const at::Tensor& values, const at::Te
   }
   a.ldx = mc;
   a.xT = packed.data_ptr<float>();
-  const ColumnsFn columns = columns_fn(copy);
+  const ColumnsFn columns = fns.columns;
   // one column tile costs about nnz(tile column) · M FMAs: a grain of one tile keeps threads busy
   at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) { columns(a, begin, end); });
   return y;

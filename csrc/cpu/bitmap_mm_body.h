@@ -9,10 +9,11 @@
 //   1. per K tile: transpose the row-major bitmask into one 64-bit mask per column, and keep
 //      each row's first value index (prefix popcounts): a stored value's index is then
 //      offset + row_start[k] + popcount(row_mask[k] below column c);
-//   2. per pass of MC input rows (MC = NV vectors, up to 8), per panel of 32 reduction rows, per
+//   2. per pass of MC input rows (MC = NV vectors, up to 8), per panel of reduction rows, per
 //      column: walk the column's set bits in the panel, accumulating value · xT[k, rows] in
 //      registers (the xT panel stays in L1); then bias, activation and the transposed store
-//      into y (M × N).
+//      into y (M × N). (Working the positions and values out once per call into a list, for
+//      all passes, measured slower up to M = 128 and ~10 % faster at 640 rows: not kept.)
 
 static constexpr int LANES = FIPS_VBYTES / 4;
 typedef float vfloat __attribute__((vector_size(FIPS_VBYTES)));
@@ -32,99 +33,92 @@ static int64_t vectors_per_pass(int64_t M) {
 static int64_t rows_per_pass(int64_t M) { return vectors_per_pass(M) * LANES; }
 
 template <int NV, int QBITS, typename LoadValue>
-static void column_tiles(const BitmapArgs& a, int64_t j_begin, int64_t j_end, TileScratch& s,
+static void column_strip(const BitmapArgs& a, int64_t j, TileScratch& s,
                          LoadValue load_value) {
   constexpr int MC = NV * LANES;
-  const int64_t words = a.tn / 32;
-  const int64_t kt = (a.K + a.tk - 1) / a.tk;
-  const int64_t nt = (a.N + a.tn - 1) / a.tn;
-  for (int64_t j = j_begin; j < j_end; ++j) {
-    const int64_t col0 = j * a.tn;
-    const int64_t cols = (a.N - col0) < a.tn ? (a.N - col0) : a.tn;
-    // step 1: the strip's column masks, row masks and row starts (kt × 64 each)
+  const int64_t words = a.words, kt = a.kt, nt = a.nt;
+  const int64_t col0 = j * a.tn, cols = a.strip_cols(j);
+  // step 1: the strip's column masks, row masks and row starts (kt × 64 each)
+  for (int64_t ti = 0; ti < kt; ++ti) {
+    const int64_t t = ti * nt + j;
+    const uint32_t* mask = a.bitmask + t * a.tk * words;
+    uint64_t* colmask = s.colmask + ti * 64;
+    uint64_t* rowmask = s.rowmask + ti * 64;
+    int64_t* rowstart = s.rowstart + ti * 64;
+    int64_t* rowscale = s.rowscale + ti * 64;
+    for (int c = 0; c < 64; ++c) colmask[c] = 0;
+    int64_t pos = a.offsets[t];
+    for (int64_t kk = 0; kk < a.tk; ++kk) {
+      uint64_t row = mask[kk * words];
+      if (words > 1) row |= static_cast<uint64_t>(mask[kk * words + 1]) << 32;
+      rowmask[kk] = row;
+      rowstart[kk] = pos;
+      rowscale[kk] = QBITS ? ((ti * a.tk + kk) / a.qgroup) * a.tn : 0;
+      pos += __builtin_popcountll(row);
+      while (row) {
+        colmask[__builtin_ctzll(row)] |= 1ull << kk;
+        row &= row - 1;
+      }
+    }
+  }
+  if (QBITS) a.strip_scales(j, s.groups, s.scales);
+  // step 2. Accumulators: NV vectors per slot, SLOTS slots taken in turn by consecutive stored
+  // values, so that at least four independent FMA chains hide the FMA latency. The reduction
+  // axis is walked in panels of up to 32 rows, so that the panel of xT (32 × MC floats) stays
+  // in L1; each column's partial sums go to a (tn × MC) buffer between panels.
+  constexpr int SLOTS = NV >= 4 ? 1 : 4 / NV;
+  // panel rows: the xT panel (rows × MC floats) and the partial sums (tn × MC) share L1 (16
+  // rows at 128 columns measured no faster)
+  constexpr int PANEL = 32;
+  const int64_t halves = (a.tk + PANEL - 1) / PANEL;
+  for (int64_t m0 = 0; m0 < a.M; m0 += MC) {
+    const int64_t mc = (a.M - m0) < MC ? (a.M - m0) : MC;
+    for (int64_t i = 0; i < cols * MC; ++i) s.acc[i] = 0.f;
+    const float* xcol = a.xT + (m0 / MC) * a.K * MC;  // this pass's packed (K × MC) block
     for (int64_t ti = 0; ti < kt; ++ti) {
-      const int64_t t = ti * nt + j;
-      const uint32_t* mask = a.bitmask + t * a.tk * words;
-      uint64_t* colmask = s.colmask + ti * 64;
-      uint64_t* rowmask = s.rowmask + ti * 64;
-      int64_t* rowstart = s.rowstart + ti * 64;
-      int64_t* rowscale = s.rowscale + ti * 64;
-      for (int c = 0; c < 64; ++c) colmask[c] = 0;
-      int64_t pos = a.offsets[t];
-      for (int64_t kk = 0; kk < a.tk; ++kk) {
-        uint64_t row = mask[kk * words];
-        if (words > 1) row |= static_cast<uint64_t>(mask[kk * words + 1]) << 32;
-        rowmask[kk] = row;
-        rowstart[kk] = pos;
-        rowscale[kk] = QBITS ? ((ti * a.tk + kk) / a.qgroup) * a.tn : 0;
-        pos += __builtin_popcountll(row);
-        while (row) {
-          colmask[__builtin_ctzll(row)] |= 1ull << kk;
-          row &= row - 1;
-        }
-      }
-    }
-    if (QBITS) {  // this strip's scales in fp32, (groups × tn)
-      for (int64_t g = 0; g < s.groups; ++g)
-        for (int64_t c = 0; c < a.tn; ++c) s.scales[g * a.tn + c] = c < cols ? a.scale(g * a.N + col0 + c) : 0.f;
-    }
-    // step 2. Accumulators: NV vectors per slot, SLOTS slots taken in turn by consecutive stored
-    // values, so that at least four independent FMA chains hide the FMA latency. The reduction
-    // axis is walked in panels of up to 32 rows, so that the panel of xT (32 × MC floats) stays
-    // in L1; each column's partial sums go to a (tn × MC) buffer between panels.
-    constexpr int SLOTS = NV >= 4 ? 1 : 4 / NV;
-    // panel rows: the xT panel (rows × MC floats) and the partial sums (tn × MC) share L1
-    constexpr int PANEL = MC * 4 >= 512 ? FIPS_PANEL_WIDE : 32;
-    const int64_t halves = (a.tk + PANEL - 1) / PANEL;
-    for (int64_t m0 = 0; m0 < a.M; m0 += MC) {
-      const int64_t mc = (a.M - m0) < MC ? (a.M - m0) : MC;
-      for (int64_t i = 0; i < cols * MC; ++i) s.acc[i] = 0.f;
-      const float* xcol = a.xT + (m0 / MC) * a.K * MC;  // this pass's packed (K × MC) block
-      for (int64_t ti = 0; ti < kt; ++ti) {
-        const uint64_t* rowmask = s.rowmask + ti * 64;
-        const int64_t* rowstart = s.rowstart + ti * 64;
-        const int64_t* rowscale = s.rowscale + ti * 64;
-        const float* xtile = xcol + ti * a.tk * MC;
-        for (int64_t half = 0; half < halves; ++half) {
-          const uint64_t panel = halves == 1 ? ~0ull : ((~0ull >> (64 - PANEL)) << (half * PANEL));
-          for (int64_t c = 0; c < cols; ++c) {
-            uint64_t bits = s.colmask[ti * 64 + c] & panel;
-            if (!bits) continue;
-            const uint64_t below = c ? (~0ull >> (64 - c)) : 0ull;
-            float* accmem = s.acc + c * MC;
-            vfloat acc[NV * SLOTS];
+      const uint64_t* rowmask = s.rowmask + ti * 64;
+      const int64_t* rowstart = s.rowstart + ti * 64;
+      const int64_t* rowscale = s.rowscale + ti * 64;
+      const float* xtile = xcol + ti * a.tk * MC;
+      for (int64_t half = 0; half < halves; ++half) {
+        const uint64_t panel = halves == 1 ? ~0ull : ((~0ull >> (64 - PANEL)) << (half * PANEL));
+        for (int64_t c = 0; c < cols; ++c) {
+          uint64_t bits = s.colmask[ti * 64 + c] & panel;
+          if (!bits) continue;
+          const uint64_t below = c ? (~0ull >> (64 - c)) : 0ull;
+          float* accmem = s.acc + c * MC;
+          vfloat acc[NV * SLOTS];
 #pragma GCC unroll 16
-            for (int v = 0; v < NV; ++v) acc[v] = vload(accmem + v * LANES);
+          for (int v = 0; v < NV; ++v) acc[v] = vload(accmem + v * LANES);
 #pragma GCC unroll 16
-            for (int v = NV; v < NV * SLOTS; ++v) acc[v] = vfloat{};
-            while (bits) {
+          for (int v = NV; v < NV * SLOTS; ++v) acc[v] = vfloat{};
+          while (bits) {
 #pragma GCC unroll 4
-              for (int slot = 0; slot < SLOTS; ++slot) {
-                if (slot > 0 && !bits) break;
-                const int kk = __builtin_ctzll(bits);
-                bits &= bits - 1;
-                float value = load_value(rowstart[kk] + __builtin_popcountll(rowmask[kk] & below));
-                if (QBITS) value *= s.scales[rowscale[kk] + c];
-                const float* xrow = xtile + kk * MC;
+            for (int slot = 0; slot < SLOTS; ++slot) {
+              if (slot > 0 && !bits) break;
+              const int kk = __builtin_ctzll(bits);
+              bits &= bits - 1;
+              float value = load_value(rowstart[kk] + __builtin_popcountll(rowmask[kk] & below));
+              if (QBITS) value *= s.scales[rowscale[kk] + c];
+              const float* xrow = xtile + kk * MC;
 #pragma GCC unroll 16
-                for (int v = 0; v < NV; ++v) acc[slot * NV + v] += value * vload(xrow + v * LANES);
-              }
+              for (int v = 0; v < NV; ++v) acc[slot * NV + v] += value * vload(xrow + v * LANES);
             }
-#pragma GCC unroll 4
-            for (int slot = 1; slot < SLOTS; ++slot)
-#pragma GCC unroll 16
-              for (int v = 0; v < NV; ++v) acc[v] += acc[slot * NV + v];
-#pragma GCC unroll 16
-            for (int v = 0; v < NV; ++v) __builtin_memcpy(accmem + v * LANES, &acc[v], sizeof(vfloat));
           }
+#pragma GCC unroll 4
+          for (int slot = 1; slot < SLOTS; ++slot)
+#pragma GCC unroll 16
+            for (int v = 0; v < NV; ++v) acc[v] += acc[slot * NV + v];
+#pragma GCC unroll 16
+          for (int v = 0; v < NV; ++v) __builtin_memcpy(accmem + v * LANES, &acc[v], sizeof(vfloat));
         }
       }
-      for (int64_t c = 0; c < cols; ++c) {  // epilogue: bias, activation, the transposed store
-        const float b = a.bias ? a.bias_at(col0 + c) : 0.f;
-        const float* src = s.acc + c * MC;
-        float* dst = a.y + m0 * a.N + col0 + c;
-        for (int64_t q = 0; q < mc; ++q) dst[q * a.N] = activate(src[q] + b, a.activation);
-      }
+    }
+    for (int64_t c = 0; c < cols; ++c) {  // epilogue: bias, activation, the transposed store
+      const float b = a.bias ? a.bias_at(col0 + c) : 0.f;
+      const float* src = s.acc + c * MC;
+      float* dst = a.y + m0 * a.N + col0 + c;
+      for (int64_t q = 0; q < mc; ++q) dst[q * a.N] = activate(src[q] + b, a.activation);
     }
   }
 }
@@ -134,57 +128,48 @@ static void column_tiles(const BitmapArgs& a, int64_t j_begin, int64_t j_end, Ti
 // into the column's L1-resident partial sums. Per stored value this is ~10 instructions against
 // ~20 for the column walk, whose register accumulation only pays off with more rows per pass.
 template <int NV, int QBITS, typename LoadValue>
-static void row_walk_tiles(const BitmapArgs& a, int64_t j_begin, int64_t j_end, TileScratch& s,
+static void row_walk_strip(const BitmapArgs& a, int64_t j, TileScratch& s,
                            LoadValue load_value) {
+  if (QBITS) a.strip_scales(j, s.groups, s.scales);
   constexpr int MC = NV * LANES;
-  const int64_t words = a.tn / 32;
-  const int64_t kt = (a.K + a.tk - 1) / a.tk;
-  const int64_t nt = (a.N + a.tn - 1) / a.tn;
-  for (int64_t j = j_begin; j < j_end; ++j) {
-    const int64_t col0 = j * a.tn;
-    const int64_t cols = (a.N - col0) < a.tn ? (a.N - col0) : a.tn;
-    if (QBITS) {
-      for (int64_t g = 0; g < s.groups; ++g)
-        for (int64_t c = 0; c < a.tn; ++c) s.scales[g * a.tn + c] = c < cols ? a.scale(g * a.N + col0 + c) : 0.f;
-    }
-    for (int64_t m0 = 0; m0 < a.M; m0 += MC) {
-      const int64_t mc = (a.M - m0) < MC ? (a.M - m0) : MC;
-      for (int64_t i = 0; i < a.tn * MC; ++i) s.acc[i] = 0.f;
-      const float* xblock = a.xT + (m0 / MC) * a.K * MC;
-      for (int64_t ti = 0; ti < kt; ++ti) {
-        const int64_t t = ti * nt + j;
-        const uint32_t* mask = a.bitmask + t * a.tk * words;
-        int64_t pos = a.offsets[t];
-        for (int64_t kk = 0; kk < a.tk; ++kk) {
-          const int64_t k = ti * a.tk + kk;
-          if (k >= a.K) break;
-          vfloat xv[NV];
+  const int64_t col0 = j * a.tn, cols = a.strip_cols(j);
+  for (int64_t m0 = 0; m0 < a.M; m0 += MC) {
+    const int64_t mc = (a.M - m0) < MC ? (a.M - m0) : MC;
+    for (int64_t i = 0; i < a.tn * MC; ++i) s.acc[i] = 0.f;
+    const float* xblock = a.xT + (m0 / MC) * a.K * MC;
+    for (int64_t ti = 0; ti < a.kt; ++ti) {
+      const int64_t t = ti * a.nt + j;
+      const uint32_t* mask = a.bitmask + t * a.tk * a.words;
+      int64_t pos = a.offsets[t];
+      for (int64_t kk = 0; kk < a.tk; ++kk) {
+        const int64_t k = ti * a.tk + kk;
+        if (k >= a.K) break;
+        vfloat xv[NV];
 #pragma GCC unroll 16
-          for (int v = 0; v < NV; ++v) xv[v] = vload(xblock + k * MC + v * LANES);
-          const float* srow = QBITS ? s.scales + (k / a.qgroup) * a.tn : nullptr;
-          for (int64_t w = 0; w < words; ++w) {
-            uint32_t bits = mask[kk * words + w];
-            while (bits) {
-              const int64_t c = w * 32 + __builtin_ctz(bits);
-              bits &= bits - 1;
-              float value = load_value(pos++);
-              if (QBITS) value *= srow[c];
-              float* accmem = s.acc + c * MC;
+        for (int v = 0; v < NV; ++v) xv[v] = vload(xblock + k * MC + v * LANES);
+        const float* srow = QBITS ? s.scales + (k / a.qgroup) * a.tn : nullptr;
+        for (int64_t w = 0; w < a.words; ++w) {
+          uint32_t bits = mask[kk * a.words + w];
+          while (bits) {
+            const int64_t c = w * 32 + __builtin_ctz(bits);
+            bits &= bits - 1;
+            float value = load_value(pos++);
+            if (QBITS) value *= srow[c];
+            float* accmem = s.acc + c * MC;
 #pragma GCC unroll 16
-              for (int v = 0; v < NV; ++v) {
-                vfloat acc = vload(accmem + v * LANES) + value * xv[v];
-                __builtin_memcpy(accmem + v * LANES, &acc, sizeof(vfloat));
-              }
+            for (int v = 0; v < NV; ++v) {
+              vfloat acc = vload(accmem + v * LANES) + value * xv[v];
+              __builtin_memcpy(accmem + v * LANES, &acc, sizeof(vfloat));
             }
           }
         }
       }
-      for (int64_t c = 0; c < cols; ++c) {
-        const float b = a.bias ? a.bias_at(col0 + c) : 0.f;
-        const float* src = s.acc + c * MC;
-        float* dst = a.y + m0 * a.N + col0 + c;
-        for (int64_t q = 0; q < mc; ++q) dst[q * a.N] = activate(src[q] + b, a.activation);
-      }
+    }
+    for (int64_t c = 0; c < cols; ++c) {
+      const float b = a.bias ? a.bias_at(col0 + c) : 0.f;
+      const float* src = s.acc + c * MC;
+      float* dst = a.y + m0 * a.N + col0 + c;
+      for (int64_t q = 0; q < mc; ++q) dst[q * a.N] = activate(src[q] + b, a.activation);
     }
   }
 }
@@ -194,7 +179,7 @@ static void columns_by_width(const BitmapArgs& a, int64_t j_begin, int64_t j_end
   // MC (input rows per pass, rows_per_pass): xT comes packed as (passes × K × MC), rows past M
   // zero, so a partial pass computes and drops them, and a pass's panel is contiguous (a
   // power-of-two row stride would map a panel's rows onto few L1 sets).
-  const int64_t kt = (a.K + a.tk - 1) / a.tk;
+  const int64_t kt = a.kt;
   const int64_t groups = QBITS ? (a.K + a.qgroup - 1) / a.qgroup : 0;
   TileScratch s;
   s.colmask = new uint64_t[kt * 64 + 1];
@@ -204,11 +189,16 @@ static void columns_by_width(const BitmapArgs& a, int64_t j_begin, int64_t j_end
   s.scales = new float[groups * a.tn + 1];
   s.groups = groups;
   s.acc = new float[a.tn * 8 * LANES];
-  switch (vectors_per_pass(a.M)) {
-    case 1: row_walk_tiles<1, QBITS>(a, j_begin, j_end, s, load_value); break;
-    case 2: row_walk_tiles<2, QBITS>(a, j_begin, j_end, s, load_value); break;
-    case 4: column_tiles<4, QBITS>(a, j_begin, j_end, s, load_value); break;
-    default: column_tiles<8, QBITS>(a, j_begin, j_end, s, load_value); break;
+  const int64_t nv = vectors_per_pass(a.M);
+  for (int64_t j = j_begin; j < j_end; ++j) {
+    if (nv == 1)
+      row_walk_strip<1, QBITS>(a, j, s, load_value);
+    else if (nv == 2)
+      row_walk_strip<2, QBITS>(a, j, s, load_value);
+    else if (nv == 4)
+      column_strip<4, QBITS>(a, j, s, load_value);
+    else
+      column_strip<8, QBITS>(a, j, s, load_value);
   }
   delete[] s.acc;
   delete[] s.colmask;

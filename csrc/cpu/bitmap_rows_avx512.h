@@ -54,7 +54,7 @@ FIPS_AVX512_TARGET static inline void load_row(const BitmapArgs& a, uint64_t mas
 template <int MB>
 FIPS_AVX512_TARGET static void strip(const BitmapArgs& a, const float* x, int64_t j, int64_t m0,
                                      const float* scales, float* out_tile) {
-  const int64_t kt = (a.K + a.tk - 1) / a.tk, nt = (a.N + 63) / 64;
+  const int64_t kt = a.kt, nt = a.nt;
   __m512 acc[MB][4];
   for (int m = 0; m < MB; ++m)
     for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_setzero_ps();
@@ -85,9 +85,8 @@ FIPS_AVX512_TARGET static void columns(const BitmapArgs& a, const float* x, int6
   float* scales = groups ? new float[groups * 64] : nullptr;
   float out_tile[6 * 64];
   for (int64_t j = j_begin; j < j_end; ++j) {
-    const int64_t col0 = j * 64, cols = (a.N - col0) < 64 ? (a.N - col0) : 64;
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t c = 0; c < 64; ++c) scales[g * 64 + c] = c < cols ? a.scale(g * a.N + col0 + c) : 0.f;
+    const int64_t col0 = j * 64, cols = a.strip_cols(j);
+    if (groups) a.strip_scales(j, groups, scales);
     for (int64_t m0 = 0; m0 < a.M; m0 += 6) {
       const int64_t mb = (a.M - m0) < 6 ? (a.M - m0) : 6;
       switch (mb) {

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import os
 import platform
 import re
@@ -45,6 +44,7 @@ from torch import nn
 
 from .env import METADATA_COLUMNS, REPO_ROOT, run_metadata, utc_now
 from .registry import BASELINE, OURS
+from .rows import write_rows
 from .timing import TimingConfig, time_ms
 
 __all__ = ["CpuBenchError", "Setup", "Variant", "VARIANTS", "TARGETS", "COLUMNS", "tiny_setup", "minilm_setup",
@@ -374,15 +374,7 @@ def _row(meta, v: Variant, t: int, b: int, batch, times, error: str, output, ref
 
 
 def _write(path: Optional[str], rows: List[Dict[str, str]]) -> None:
-    if not path:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in COLUMNS})
-    os.replace(tmp, path)
+    write_rows(path, rows, COLUMNS)
 
 
 def summary_table(rows: Sequence[Dict[str, str]]) -> str:

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .peers import peers_with
+from .rows import write_rows
 
 __all__ = ["QualityError", "Context", "METHODS", "build_context", "evaluate", "run", "spearman", "agreement",
            "markdown_table", "fips_against_peers", "peer_curve", "pareto", "plot", "COLUMNS", "main_args",
@@ -362,15 +363,7 @@ def run(ctx: Context, methods: Sequence[str], *, out: Optional[str] = None,
 
 
 def _write(path: Optional[str], rows: List[Dict[str, str]]) -> None:
-    if not path:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in COLUMNS})
-    os.replace(tmp, path)
+    write_rows(path, rows, COLUMNS)
 
 
 def read_csv(path: str) -> List[Dict[str, str]]:

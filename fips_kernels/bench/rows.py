@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-__all__ = ["fmt", "describe", "RowWriter"]
+__all__ = ["fmt", "describe", "RowWriter", "write_rows"]
 
 
 def fmt(v, digits: int = 6) -> str:
@@ -29,6 +30,20 @@ def describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     msg = f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
     return msg if len(msg) <= 300 else msg[:297] + "..."
+
+
+def write_rows(path: Optional[str], rows: List[Dict[str, str]], columns: Sequence[str]) -> None:
+    """Rewrite the whole CSV at ``path`` (None: nothing) with ``rows``, atomically (a
+    ``.tmp`` file renamed over it): for benchmarks that rewrite their file after each row."""
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in columns})
+    os.replace(tmp, path)
 
 
 class RowWriter:
