@@ -333,7 +333,8 @@ class FiPSLinear(nn.Module):
                             f"{self.compute_dtype} (cast_input=True casts the input)")
         if self.cpu_speed_path(x):
             return self._cpu_dense_forward(x)
-        if self.cast_input and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if self.cast_input and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() \
+                and self.compute_dtype in (torch.float16, torch.bfloat16):
             return self._forward(x)  # fp32 activations, half factors: the ops take them as they are ("mixed")
         if self.cast_input and x.is_floating_point() and x.dtype != self.compute_dtype:
             return self._forward(x.to(self.compute_dtype)).to(x.dtype)

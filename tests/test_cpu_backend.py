@@ -306,3 +306,18 @@ def test_an_override_wins_and_compress_runs_compressed():
     from fips_kernels.compress.api import compress
 
     assert compress.__wrapped__  # compression trains and evaluates under override("compressed")
+
+
+def test_cast_input_layers_of_every_dtype_take_fp32_inputs_in_compressed_mode():
+    """fp32 activations reach half factors as they are; a float64 layer still casts them."""
+    torch.manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        model, layer = _layer(qbits=None, dtype=dtype)
+        fk.cpu.set_mode(model, "compressed")
+        x = torch.randn(4, 70)
+        with torch.no_grad():
+            y = layer(x)
+            with dispatch.use_backend("reference"):
+                truth = layer(x)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, truth, rtol=0, atol=1e-2 * truth.abs().max().item())

@@ -2,8 +2,8 @@
 in fp32 arithmetic, with the sparse factor read as stored.
 
 * ``bitmap`` factors: ``torch.ops.fips_kernels_cpu.bitmap_mm`` (csrc/cpu) —
-  ``y = act(x·B + b)`` straight from the packed values, bias and activation in
-  its epilogue; ``x·U`` and ``z·Uᵀ`` are torch GEMMs.
+  ``x·B + b`` straight from the packed values, the bias in its epilogue; the
+  activation by torch; ``x·U`` and ``z·Uᵀ`` are torch GEMMs.
 * ``dense`` factors (plain low rank): torch GEMMs on the dequantised factor.
 
 Every kernel returns the input's dtype. Signatures as
@@ -18,9 +18,7 @@ import torch
 from .. import reference
 from ..formats import SparseFactor
 
-__all__ = ["expand", "contract", "gate_up", "reconstruct", "factor_product", "ACTIVATION_CODES"]
-
-ACTIVATION_CODES = {"none": 0, "gelu": 1, "silu": 2}
+__all__ = ["expand", "contract", "gate_up", "reconstruct", "factor_product"]
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
