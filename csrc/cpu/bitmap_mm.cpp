@@ -103,6 +103,22 @@ struct BitmapArgs {
   float bias_at(int64_t i) const { return load_float(bias, bias_kind, i); }
   // columns of strip j (the last one may be narrower than tn)
   int64_t strip_cols(int64_t j) const { return N - j * tn < tn ? N - j * tn : tn; }
+  // The epilogue of strip j for input rows m0 .. m0+rows: y[m0 + q, col0 + c] = act(src[c·ld_c + q·ld_q]
+  // + bias[c]), written row by row (contiguous stores; the bias converted once per call of it).
+  void store(int64_t j, int64_t m0, int64_t rows, const float* src, int64_t ld_c, int64_t ld_q) const {
+    const int64_t col0 = j * tn, cols = strip_cols(j);
+    float b[64];
+    for (int64_t c = 0; c < cols; ++c) b[c] = bias ? bias_at(col0 + c) : 0.f;
+    for (int64_t q = 0; q < rows; ++q) {
+      float* dst = y + (m0 + q) * N + col0;
+      const float* row = src + q * ld_q;
+      if (activation == 0) {
+        for (int64_t c = 0; c < cols; ++c) dst[c] = row[c * ld_c] + b[c];
+      } else {
+        for (int64_t c = 0; c < cols; ++c) dst[c] = activate(row[c * ld_c] + b[c], activation);
+      }
+    }
+  }
   // strip j's scales in fp32, (groups × tn), zero past N
   void strip_scales(int64_t j, int64_t groups, float* out) const {
     const int64_t col0 = j * tn, cols = strip_cols(j);

@@ -37,7 +37,7 @@ static void column_strip(const BitmapArgs& a, int64_t j, TileScratch& s,
                          LoadValue load_value) {
   constexpr int MC = NV * LANES;
   const int64_t words = a.words, kt = a.kt, nt = a.nt;
-  const int64_t col0 = j * a.tn, cols = a.strip_cols(j);
+  const int64_t cols = a.strip_cols(j);
   // step 1: the strip's column masks, row masks and row starts (kt × 64 each)
   for (int64_t ti = 0; ti < kt; ++ti) {
     const int64_t t = ti * nt + j;
@@ -114,12 +114,7 @@ static void column_strip(const BitmapArgs& a, int64_t j, TileScratch& s,
         }
       }
     }
-    for (int64_t c = 0; c < cols; ++c) {  // epilogue: bias, activation, the transposed store
-      const float b = a.bias ? a.bias_at(col0 + c) : 0.f;
-      const float* src = s.acc + c * MC;
-      float* dst = a.y + m0 * a.N + col0 + c;
-      for (int64_t q = 0; q < mc; ++q) dst[q * a.N] = activate(src[q] + b, a.activation);
-    }
+    a.store(j, m0, mc, s.acc, MC, 1);  // epilogue: bias, activation, the transposed store
   }
 }
 
@@ -132,7 +127,6 @@ static void row_walk_strip(const BitmapArgs& a, int64_t j, TileScratch& s,
                            LoadValue load_value) {
   if (QBITS) a.strip_scales(j, s.groups, s.scales);
   constexpr int MC = NV * LANES;
-  const int64_t col0 = j * a.tn, cols = a.strip_cols(j);
   for (int64_t m0 = 0; m0 < a.M; m0 += MC) {
     const int64_t mc = (a.M - m0) < MC ? (a.M - m0) : MC;
     for (int64_t i = 0; i < a.tn * MC; ++i) s.acc[i] = 0.f;
@@ -165,12 +159,7 @@ static void row_walk_strip(const BitmapArgs& a, int64_t j, TileScratch& s,
         }
       }
     }
-    for (int64_t c = 0; c < cols; ++c) {
-      const float b = a.bias ? a.bias_at(col0 + c) : 0.f;
-      const float* src = s.acc + c * MC;
-      float* dst = a.y + m0 * a.N + col0 + c;
-      for (int64_t q = 0; q < mc; ++q) dst[q * a.N] = activate(src[q] + b, a.activation);
-    }
+    a.store(j, m0, mc, s.acc, MC, 1);
   }
 }
 

@@ -85,7 +85,6 @@ FIPS_AVX512_TARGET static void columns(const BitmapArgs& a, const float* x, int6
   float* scales = groups ? new float[groups * 64] : nullptr;
   float out_tile[6 * 64];
   for (int64_t j = j_begin; j < j_end; ++j) {
-    const int64_t col0 = j * 64, cols = a.strip_cols(j);
     if (groups) a.strip_scales(j, groups, scales);
     for (int64_t m0 = 0; m0 < a.M; m0 += 6) {
       const int64_t mb = (a.M - m0) < 6 ? (a.M - m0) : 6;
@@ -97,11 +96,7 @@ FIPS_AVX512_TARGET static void columns(const BitmapArgs& a, const float* x, int6
         case 5: strip<5>(a, x, j, m0, scales, out_tile); break;
         default: strip<6>(a, x, j, m0, scales, out_tile); break;
       }
-      for (int64_t m = 0; m < mb; ++m)
-        for (int64_t c = 0; c < cols; ++c) {
-          const float b = a.bias ? a.bias_at(col0 + c) : 0.f;
-          a.y[(m0 + m) * a.N + col0 + c] = activate(out_tile[m * 64 + c] + b, a.activation);
-        }
+      a.store(j, m0, mb, out_tile, 1, 64);
     }
   }
   delete[] scales;
