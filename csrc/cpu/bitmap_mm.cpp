@@ -236,6 +236,29 @@ static void check_cpu_contiguous(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.is_contiguous(), "fips_kernels_cpu::bitmap_mm: ", what, " must be contiguous");
 }
 
+// x (M × K) → (passes × K × mc): pass p holds rows p·mc .. p·mc+mc of x transposed, rows past M zero.
+// In blocks of 64 reduction rows, so that the 64 destination lines a source row spreads over stay in L1.
+static void pack_passes(const float* x, float* out, int64_t M, int64_t K, int64_t mc) {
+  const int64_t passes = (M + mc - 1) / mc;
+  at::parallel_for(0, passes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t rows = M - p * mc < mc ? M - p * mc : mc;
+      float* dst = out + p * K * mc;
+      for (int64_t k0 = 0; k0 < K; k0 += 64) {
+        const int64_t k1 = k0 + 64 < K ? k0 + 64 : K;
+        for (int64_t q = 0; q < mc; ++q) {
+          if (q < rows) {
+            const float* src = x + (p * mc + q) * K;
+            for (int64_t k = k0; k < k1; ++k) dst[k * mc + q] = src[k];
+          } else {
+            for (int64_t k = k0; k < k1; ++k) dst[k * mc + q] = 0.f;
+          }
+        }
+      }
+    }
+  });
+}
+
 // Checks every argument of bitmap_mm / bitmap_to_dense and returns them as raw pointers.
 static BitmapArgs bitmap_args(const char* op, const at::Tensor& x, const at::Tensor& values,
                               const at::Tensor& bitmask, const at::Tensor& offsets,
@@ -335,11 +358,8 @@ at::Tensor bitmap_mm(const at::Tensor& x, const at::Tensor& values, const at::Te
   const IsaCopy fns = isa_copy(copy);
   const int64_t mc = fns.rows_per_pass(M);
   const int64_t passes = (M + mc - 1) / mc;
-  at::Tensor packed = at::zeros({passes, K, mc}, x.options());
-  for (int64_t p = 0; p < passes; ++p) {
-    const int64_t rows = std::min(mc, M - p * mc);
-    packed.select(0, p).narrow(1, 0, rows).copy_(x.narrow(0, p * mc, rows).t());
-  }
+  at::Tensor packed = at::empty({passes, K, mc}, x.options());
+  pack_passes(x.data_ptr<float>(), packed.data_ptr<float>(), M, K, mc);
   a.ldx = mc;
   a.xT = packed.data_ptr<float>();
   const ColumnsFn columns = fns.columns;
