@@ -5,8 +5,8 @@ and two optional compiled modules: the CPU kernels ``fips_kernels._cpu``
 (csrc/cpu/*.cpp, the ``cpu`` backend, docs/CPU.md) and the CUDA extension
 ``fips_kernels._C`` (csrc/*.cpp + csrc/*.cu).
 
-The CPU kernels are built whenever torch is importable (a C++ compiler is
-all they need); without them the ``cpu`` backend runs only dense factors and
+The CPU kernels are built whenever torch is importable and a C++ compiler
+(``CXX``, else ``c++``) is on PATH; without them the ``cpu`` backend runs only dense factors and
 bitmap layers fall back to the reference backend.
 
 The extension is built only when torch is importable, torch is a CUDA build
@@ -27,6 +27,7 @@ Environment:
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -101,6 +102,11 @@ def _cpu_extension(cpp_extension, cxx_flags, limited_api):
     """The CPU kernels (a CppExtension: no CUDA toolkit needed), or None."""
     if _env_flag("FIPS_KERNELS_SKIP_CPU_BUILD"):
         _say(f"not building the CPU kernels {CPU_EXT_NAME}: FIPS_KERNELS_SKIP_CPU_BUILD is set")
+        return None
+    compiler = os.environ.get("CXX") or "c++"
+    if shutil.which(compiler.split()[0]) is None:
+        _say(f"not building the CPU kernels {CPU_EXT_NAME}: no C++ compiler ({compiler!r} is not on PATH; set CXX). "
+             "Bitmap layers in the CPU's compressed mode will run on the reference backend.")
         return None
     import torch
 

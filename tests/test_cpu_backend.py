@@ -6,6 +6,8 @@ memory policy; the ``cpu_mode`` arguments and ``FIPS_KERNELS_CPU_MODE``.
 The conformance suite (test_backend_conformance.py) already runs the backend
 on every layer row it supports (bitmap and dense factors, M = 1, 17, 130,
 2-D and 3-D inputs, int8/int4, activations, gate/up, reconstruct)."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,15 @@ from conftest import assert_close_to_truth
 
 needs_kernels = pytest.mark.skipif(not _extension.CPU.available(),
                                    reason=f"fips_kernels._cpu unavailable: {_extension.CPU.error()}")
+
+
+def test_cpu_kernels_available():
+    """Under FIPS_KERNELS_REQUIRE_CPU_KERNELS=1 (CI: .ci/run) a missing build fails instead of skipping."""
+    if os.environ.get("FIPS_KERNELS_REQUIRE_CPU_KERNELS") == "1":
+        assert _extension.CPU.available(), f"fips_kernels._cpu is unavailable: {_extension.CPU.error()}"
+    elif not _extension.CPU.available():
+        pytest.skip(f"fips_kernels._cpu unavailable: {_extension.CPU.error()}")
+    assert _extension.CPU.error() is None and torch.ops.fips_kernels_cpu.isa() in ("avx512", "avx2", "baseline")
 
 
 def _copies():
