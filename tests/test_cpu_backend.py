@@ -82,8 +82,12 @@ def _truth(x, f, bias=None, activation=0):
 @pytest.mark.parametrize("copy", COPIES, ids=COPY_IDS)
 @pytest.mark.parametrize("values", VALUES, ids=VALUE_IDS)
 @pytest.mark.parametrize("K, N, M", [(70, 100, 1), (70, 100, 17), (45, 37, 6), (130, 64, 130), (1, 33, 3),
-                                     (200, 129, 65)])
+                                     (200, 129, 65), (133, 37, 300), (70, 129, 257)])
 def test_kernel_matches_truth(copy, values, K, N, M):
+    """Every path and instruction-set copy against fp64 truth. The walk replays a per-strip list
+    from two passes on (M > 128 rows with AVX-512, > 64 with AVX2, > 32 baseline): M = 130, 257
+    and 300 run it with short last passes; N = 37 and the 1-column strip of N = 129 take the
+    epilogue's ragged edges (fewer than 16 columns), M = 300 its ragged rows."""
     path, isa = copy
     dtype, qbits, *group = values
     if path == "rows" and qbits == 4:
@@ -101,14 +105,15 @@ def test_kernel_matches_truth(copy, values, K, N, M):
 @needs_kernels
 @pytest.mark.parametrize("copy", COPIES, ids=COPY_IDS)
 @pytest.mark.parametrize("tile", [(64, 64), (32, 32), (17, 64), (64, 32), (1, 32)], ids=str)
-def test_kernel_tiles_and_epilogue(copy, tile):
+@pytest.mark.parametrize("M", [9, 150])
+def test_kernel_tiles_and_epilogue(copy, tile, M):
     path, isa = copy
     if path == "rows" and tile[1] != 64:
         with pytest.raises(RuntimeError, match="path 'rows' cannot run"):
             _run(torch.randn(3, 50), _factor(50, 70, torch.float32, None, tile=tile), path=path, isa=isa)
         return
     f = _factor(50, 70, torch.float32, 8, 16, tile=tile, density=0.3)
-    x = torch.randn(9, 50)
+    x = torch.randn(M, 50)
     bias = torch.randn(70)
     for activation in (0, 1, 2):
         out = _run(x, f, bias, activation, path, isa)

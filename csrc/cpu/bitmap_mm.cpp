@@ -128,6 +128,11 @@ struct BitmapArgs {
 };
 
 // Per-thread scratch of one column strip (kt tiles × 64): see bitmap_mm_body.h.
+// Rows from which the column walk replays a per-strip entry list (bitmap_mm_body.h).
+// Reduction rows per panel of the replayed column walk (entry_strip in bitmap_mm_body.h): a
+// panel's xT rows (32 × 128 floats) stay in L1 while every column of the strip adds from them.
+static constexpr int ENTRY_PANEL = 32;
+
 struct TileScratch {
   uint64_t* colmask;
   uint64_t* rowmask;
@@ -135,6 +140,9 @@ struct TileScratch {
   int64_t* rowscale;
   float* scales;
   float* acc;  // (tn × MC) partial sums
+  int32_t* entry_count;  // entry_strip's list: per (K tile, panel, column) its entries
+  int32_t* entry_row;    // per entry: its reduction row k (the xT row of a pass's block)
+  float* entry_val;      // per entry: the dequantised value
   int64_t groups;
 };
 

@@ -11,7 +11,7 @@ Every kernel returns the input's dtype. Signatures as
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -25,13 +25,23 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
-def _base(U) -> torch.Tensor:
-    """``U (d × r)`` in fp32; an int8 base (one scale per column) dequantised for this call only."""
+def _base(U) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``U (d × r)`` as ``(values in fp32, per-column scales in fp32 or None)``. An int8 base
+    (one scale per column) is converted for this call only and its scales are applied to the
+    ``M × r`` side of the product (``(x·U_q)·s`` instead of ``x·(U_q·s)``): at few rows that
+    saves the ``d × r`` multiply per call."""
     if isinstance(U, SparseFactor):
         if U.format == "dense" and U.qbits == 8 and U.scales.shape[0] == 1:
-            return U.values.to(torch.float32) * U.scales.to(torch.float32)
-        return U.to_dense().to(torch.float32)
-    return U.to(torch.float32)
+            return U.values.to(torch.float32), U.scales.to(torch.float32).reshape(-1)
+        return U.to_dense().to(torch.float32), None
+    return U.to(torch.float32), None
+
+
+def _times_base(x: torch.Tensor, U) -> torch.Tensor:
+    """``x·U`` in fp32 for ``x (M × d)``."""
+    values, scales = _base(U)
+    z = _f32(x) @ values
+    return z if scales is None else z.mul_(scales)
 
 
 def factor_product(z: torch.Tensor, factor: SparseFactor, bias: Optional[torch.Tensor] = None,
@@ -61,19 +71,22 @@ def _activate_(y: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def expand(x2, U, factor, bias=None, activation="none"):
-    z = _f32(x2) @ _base(U)
+    z = _times_base(x2, U)
     return factor_product(z, factor, bias, activation or "none").to(x2.dtype)
 
 
 def contract(x2, U, factor, bias=None):
-    z = factor_product(x2, factor)
-    Ut = _base(U).t()
+    z = factor_product(x2, factor)  # this call's own fp32 buffer
+    values, scales = _base(U)
+    if scales is not None:
+        z.mul_(scales)
+    Ut = values.t()
     y = torch.mm(z, Ut) if bias is None else torch.addmm(bias.to(torch.float32), z, Ut)
     return y.to(x2.dtype)
 
 
 def gate_up(x2, U, gate, up, bias_gate=None, bias_up=None):
-    z = _f32(x2) @ _base(U)  # once for both
+    z = _times_base(x2, U)  # once for both
     return (factor_product(z, gate, bias_gate, "silu") * factor_product(z, up, bias_up)).to(x2.dtype)
 
 
@@ -90,6 +103,7 @@ def _dense_factor(factor: SparseFactor) -> torch.Tensor:
 def reconstruct(U, factor, kind):
     """The layer's torch-layout weight in the factor's dtype: ``(U·B)ᵀ`` (expand) or ``U·Bᵀ`` (contract)."""
     B = _dense_factor(factor)
-    Uf = _base(U)
+    values, scales = _base(U)
+    Uf = values if scales is None else values * scales
     W = (Uf @ B).t() if kind == "expand" else Uf @ B.t()
     return W.to(factor.dtype).contiguous()
