@@ -122,6 +122,25 @@ def test_kernel_tiles_and_epilogue(copy, tile, M):
 
 
 @needs_kernels
+@pytest.mark.parametrize("M", [5, 300])
+def test_kernel_threads_give_the_single_thread_result(M):
+    """Strips run in parallel, each thread with its own scratch (the replayed list included):
+    the same bits as one thread, since a strip's sums do not depend on the split."""
+    f = _factor(150, 333, torch.float16, 8)
+    x = torch.randn(M, 150)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(x, f)
+        torch.set_num_threads(2)
+        two = _run(x, f)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(two, one, rtol=0, atol=0)
+    assert_close_to_truth(two, _truth(x, f), x @ _dense(f), eps=1e-5 * _truth(x, f).abs().max().item())
+
+
+@needs_kernels
 def test_a_wrong_value_fails_the_check():
     """The oracle catches one dropped stored value."""
     f = _factor(70, 100, torch.float32, None)
