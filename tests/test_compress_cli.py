@@ -345,3 +345,47 @@ def test_a_failure_after_training_says_how_to_resume(bert_dir, tmp_path, monkeyp
     monkeypatch.undo()
     assert cli.main(args) == 0
     assert capsys.readouterr().out.count("(resumed)") == 2 and out.exists()
+
+
+def test_the_built_in_recipe_trains_high_ratios_longer_at_higher_rates():
+    """Issue 14: from --ratio 10 the built-in default on a CPU runs 1000 + 1000 steps at twice the
+    learning rates; the default command (--ratio 4) and int4 below 10x keep theirs; given values win."""
+    from fips_kernels.compress import command
+
+    assert command.builtin_cpu_steps(4.0, None) == 150            # the default command: unchanged
+    assert command.builtin_cpu_steps(None, None) == 150
+    assert command.builtin_cpu_steps(8.0, None) == command.builtin_cpu_steps(None, 4) == 250
+    assert command.builtin_cpu_steps(10.0, None) == command.builtin_cpu_steps(12.0, 4) == 1000
+    assert command.learning_rates(4.0, None, None) == (1e-3, 1e-4)
+    assert command.learning_rates(9.9, None, None) == (1e-3, 1e-4)
+    assert command.learning_rates(12.0, None, None) == (2e-3, 2e-4)
+    assert command.learning_rates(12.0, 5e-4, None) == (5e-4, 2e-4)
+    assert command.learning_rates(None, None, 3e-4) == (1e-3, 3e-4)
+
+
+@pytest.mark.parametrize("argv, steps, lr, finetune_lr", [
+    ([], 150, 1e-3, 1e-4),
+    (["--ratio", "12"], 1000, 2e-3, 2e-4),
+    (["--ratio", "12", "--steps", "7", "--lr", "3e-3"], 7, 3e-3, 2e-4),
+])
+def test_the_built_in_default_passes_its_recipe_to_compress(argv, steps, lr, finetune_lr, bert_dir, tmp_path,
+                                                            monkeypatch):
+    """What the command hands compress() for the built-in default on a CPU (a tiny BERT stands in for it)."""
+    from fips_kernels.compress import api, command
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def compress(model, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    real_load = command._load_hf
+    monkeypatch.setattr(command, "load_model", lambda spec, args: real_load(str(bert_dir), spec.name))
+    monkeypatch.setattr(api, "compress", compress)
+    with pytest.raises(Stop):
+        cli.main(["compress", "--out", str(tmp_path / "m.safetensors"), "--device", "cpu", "--no-progress", *argv])
+    assert (seen["steps"], seen["finetune_steps"], seen["lr"], seen["finetune_lr"]) == (steps, steps, lr,
+                                                                                         finetune_lr)

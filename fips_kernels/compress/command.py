@@ -39,6 +39,35 @@ BUILTIN_CPU_STEPS = 150  # block-wise steps (and as many end-to-end) for the bui
 # int4 forms (--ratio above 6.5) need longer: at 8x 250 + 250 steps gave 0.977 where 150 + 150 gave 0.973
 # (docs/COMPRESS.md, quality log), in about 4 minutes
 BUILTIN_CPU_STEPS_INT4 = 250
+# from --ratio 10 on the ranks are low and the agreement keeps rising with the steps and with twice the
+# learning rates: at 12x 250 + 250 steps gave 0.916 mean cosine, 500 + 500 0.930 (0.934 with the rates doubled),
+# 1000 + 1000 0.938 (0.941 doubled); at 10x 0.946 -> 0.960 (development sentences; docs/COMPRESS.md, issue 14's
+# quality log), about 7 minutes on one core; the default command (--ratio 4) is not affected
+BUILTIN_CPU_STEPS_HIGH_RATIO = 1000
+HIGH_RATIO = 10.0
+LR, FINETUNE_LR = 1e-3, 1e-4                    # block-wise and end-to-end learning rates
+LR_HIGH_RATIO, FINETUNE_LR_HIGH_RATIO = 2e-3, 2e-4  # from --ratio HIGH_RATIO
+
+
+def builtin_cpu_steps(ratio: Optional[float], qbits: Optional[int]) -> int:
+    """Block-wise steps per group (and as many end-to-end) of the built-in default on a CPU
+    when ``--steps`` is not given: :data:`BUILTIN_CPU_STEPS` for int8 and float factors,
+    :data:`BUILTIN_CPU_STEPS_INT4` for int4 (``--qbits 4``, or ``--ratio`` from 6.5, where the
+    rules choose int4), :data:`BUILTIN_CPU_STEPS_HIGH_RATIO` from ``--ratio`` :data:`HIGH_RATIO`."""
+    if ratio is not None and ratio >= HIGH_RATIO:
+        return BUILTIN_CPU_STEPS_HIGH_RATIO
+    int4 = qbits == 4 or (qbits is None and ratio is not None and ratio >= 6.5)
+    return BUILTIN_CPU_STEPS_INT4 if int4 else BUILTIN_CPU_STEPS
+
+
+def learning_rates(ratio: Optional[float], lr: Optional[float], finetune_lr: Optional[float]):
+    """``(block-wise, end-to-end)`` learning rates: those given, else :data:`LR` and
+    :data:`FINETUNE_LR`, twice as high (:data:`LR_HIGH_RATIO`, :data:`FINETUNE_LR_HIGH_RATIO`) from
+    ``--ratio`` :data:`HIGH_RATIO`, where the low ranks gained from them (measured on the built-in
+    default)."""
+    high = ratio is not None and ratio >= HIGH_RATIO
+    return (lr if lr is not None else LR_HIGH_RATIO if high else LR,
+            finetune_lr if finetune_lr is not None else FINETUNE_LR_HIGH_RATIO if high else FINETUNE_LR)
 
 
 class CommandError(ValueError):
@@ -90,17 +119,20 @@ def add_arguments(p) -> None:
                         "fp16/bf16 layers cast their input to that dtype and their output back)")
     p.add_argument("--steps", type=int, help=f"optimisation steps per group (default 600; for the built-in "
                                              f"default on a CPU {BUILTIN_CPU_STEPS}, {BUILTIN_CPU_STEPS_INT4} "
-                                             f"with int4 factors)")
+                                             f"with int4 factors, {BUILTIN_CPU_STEPS_HIGH_RATIO} from --ratio "
+                                             f"{HIGH_RATIO:g})")
     p.add_argument("--finetune-steps", type=int,
                    help="end-to-end steps after the block-wise stage: all groups trained together against the "
                         "model's outputs (default: as many as --steps; 0 turns it off)")
-    p.add_argument("--finetune-lr", type=float, default=1e-4, help="end-to-end learning rate (default 1e-4)")
+    p.add_argument("--finetune-lr", type=float, help=f"end-to-end learning rate (default {FINETUNE_LR:g}; "
+                                                     f"{FINETUNE_LR_HIGH_RATIO:g} from --ratio {HIGH_RATIO:g})")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     p.add_argument("--num-samples", type=int, help="calibration samples to use (default: all; images: 512)")
     p.add_argument("--holdout", type=float, default=0.15,
                    help="fraction of the calibration batches held back for the end-to-end check (default 0.15)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per text sample (default 128)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, help=f"AdamW learning rate of the block-wise stage (default {LR:g}; "
+                                            f"{LR_HIGH_RATIO:g} from --ratio {HIGH_RATIO:g})")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
     p.add_argument("--pruning", default="gmp", choices=("gmp", "rigl"), help="gradual magnitude pruning (default) "
                                                                               "or RigL")
@@ -633,9 +665,9 @@ def run(args) -> int:
     steps = args.steps
     if steps is None:
         builtin_cpu = args.model is None and device.type == "cpu"
-        int4 = args.qbits == 4 or (args.qbits is None and ratio is not None and ratio >= 6.5)
-        steps = (BUILTIN_CPU_STEPS_INT4 if int4 else BUILTIN_CPU_STEPS) if builtin_cpu else 600
+        steps = builtin_cpu_steps(ratio, args.qbits) if builtin_cpu else 600
     finetune_steps = steps if args.finetune_steps is None else args.finetune_steps
+    lr, finetune_lr = learning_rates(ratio, args.lr, args.finetune_lr)
     every = prune_every(args.prune_every, steps, args, say)
     if args.no_progress:
         _quiet_loaders()
@@ -660,13 +692,13 @@ def run(args) -> int:
         model, report = compress(
             loaded.model, budget=args.budget, sparsity=args.sparsity, pattern=args.pattern,
             group_size=args.group_size, calib_data=batches, steps=steps, preset=preset, unit=args.unit,
-            batch_size=args.batch_size, holdout=args.holdout, lr=args.lr, weight_decay=args.weight_decay,
+            batch_size=args.batch_size, holdout=args.holdout, lr=lr, weight_decay=args.weight_decay,
             pruning=args.pruning, prune_every=every, prune_end=PRUNE_END, prune_schedule=args.prune_schedule,
             mask_scope=args.mask_scope,
             seed=args.seed, resume_dir=paths.state, progress=not args.no_progress, output_fn=loaded.output_fn,
             record_per_group=args.record_per_group, model_name=loaded.name, qbits=args.qbits, qgroup=args.qgroup,
             base_qbits=args.base_qbits, factor_dtype=args.factor_dtype, ratio=ratio,
-            finetune_steps=finetune_steps, finetune_lr=args.finetune_lr)
+            finetune_steps=finetune_steps, finetune_lr=finetune_lr)
     except ValueError as exc:  # bad settings for this model (pattern, group size, budget too small, ...)
         hint = resume_hint(paths, args)
         raise CommandError(str(exc) + (f"; {hint}" if hint else "")) from None
