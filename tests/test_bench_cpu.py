@@ -80,3 +80,29 @@ def test_a_variant_that_cannot_load_or_run_gets_a_failed_row():
     assert [r["status"] for r in rows] == ["ok", "failed", "failed"]
     assert rows[1]["reason"] == "ImportError: no backend" and rows[2]["reason"] == "RuntimeError: boom"
     assert "failed: RuntimeError: boom" in bench_cpu.summary_table(rows)
+
+
+def test_kernels_mode_times_the_kernel_against_the_dense_gemm(tmp_path, capsys):
+    """``--kernels``: one row per (factor, M), the kernel's output checked against fp64 truth, both
+    timings and the rate ratio present; ``--rows`` outside ``--kernels`` and ``--batch`` inside are refused."""
+    if not hasattr(torch.ops.fips_kernels_cpu, "bitmap_mm"):
+        pytest.skip("the CPU kernels are not built")
+    out = tmp_path / "kernel.csv"
+    rc = cli.main(["bench-cpu", "--tiny", "--kernels", "--rows", "1", "150", "--out", str(out), "--reps", "2",
+                   "--warmup", "1", "--no-progress"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    with open(out, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["kind"], r["M"]) for r in rows] == [("expand", "1"), ("expand", "150"), ("contract", "1"),
+                                                   ("contract", "150")]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert float(r["kernel_median_ms"]) > 0 and float(r["gemm_median_ms"]) > 0
+        assert float(r["max_rel_err"]) < 1e-4 and 0 < float(r["density"]) <= 1 and r["value_bits"] == "8"
+        assert float(r["useful_rate_vs_gemm"]) > 0 and r["device"] == "cpu" and r["commit"]
+    assert "useful MAC/s vs GEMM" in printed.out
+    assert cli.main(["bench-cpu", "--tiny", "--rows", "4"]) == 2
+    assert "--rows goes with --kernels" in capsys.readouterr().err
+    assert cli.main(["bench-cpu", "--tiny", "--kernels", "--batch", "4"]) == 2
+    assert "give --rows, not --batch" in capsys.readouterr().err

@@ -401,9 +401,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", re.sub(r"\(r\)|\(tm\)", "", text.lower())).strip("-") or "cpu"
 
 
-def default_out(tiny: bool = False) -> str:
-    """``benchmarks/results/cpu/cpu_<cpu>_<utc date>.csv`` in a checkout (``--tiny``: the current folder)."""
-    name = f"cpu{'_tiny' if tiny else ''}_{_slug(_cpu_name())}_{utc_now().strftime('%Y%m%d')}.csv"
+def default_out(tiny: bool = False, kernels: bool = False) -> str:
+    """``benchmarks/results/cpu/cpu[_kernel]_<cpu>_<utc date>.csv`` in a checkout (``--tiny``: the current
+    folder)."""
+    name = (f"cpu{'_kernel' if kernels else ''}{'_tiny' if tiny else ''}_{_slug(_cpu_name())}_"
+            f"{utc_now().strftime('%Y%m%d')}.csv")
     return str(RESULTS_DIR / name) if not tiny and RESULTS_DIR.parent.is_dir() else name
 
 
@@ -430,6 +432,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", action="store_true",
                    help="a random 2-layer BERT compressed in-process, few reps (seconds; for CI)")
     p.add_argument("--no-progress", action="store_true", help="no line per measured row")
+    p.add_argument("--kernels", action="store_true",
+                   help="time the CPU kernel alone instead of the models: bitmap_mm against torch's dense GEMM of "
+                        "the same product, for the first expand and contract factor, at --rows (CSV "
+                        "cpu_kernel_<cpu>_<utc date>.csv; columns in fips_kernels/bench/cpu_kernel.py)")
+    p.add_argument("--rows", nargs="+", metavar="M", help="with --kernels: input rows per call (default 1 18 128 640)")
 
 
 def _ints(values, flag: str, default: List[int]) -> List[int]:
@@ -448,13 +455,46 @@ def main_args(args, prog: str = "fips-kernels") -> int:
     """``fips-kernels bench-cpu``: 0; 1 when a variant of ours failed or disagrees with dense;
     2 (with a one-line error) for bad arguments or inputs."""
     try:
-        return _main(args)
+        return _main(args, prog)
     except CpuBenchError as exc:
         print(f"{prog} bench-cpu: error: {exc}", file=sys.stderr)
         return 2
 
 
-def _main(args) -> int:
+def _kernels(setup: Setup, args, out: str, threads: List[int], reps: int, warmup: int, prog: str) -> int:
+    """``--kernels``: the kernel against the dense GEMM per factor shape (:mod:`.cpu_kernel`)."""
+    from . import cpu_kernel
+
+    rows_m = _ints(args.rows, "--rows", cpu_kernel.default_rows())
+    try:
+        if not hasattr(torch.ops.fips_kernels_cpu, "bitmap_mm"):
+            raise CpuBenchError("the CPU kernels are not built (fips-kernels info says why)")
+        compressed = next(v for v in load_variants(setup, ("compressed",)) if v.mode == "compressed")
+        if compressed.model is None:
+            raise CpuBenchError(f"cannot load {setup.checkpoint}: {compressed.error}")
+        meta = metadata(setup)
+        print(f"CPU kernel benchmark of {setup.name}'s factors from {setup.checkpoint}: rows "
+              f"{' '.join(map(str, rows_m))}, threads {' '.join(map(str, threads))}, {reps} rounds after {warmup} "
+              f"warm-up calls; writing {out}", flush=True)
+        rows = [r for t in threads for r in cpu_kernel.kernel_rows(
+            compressed.model, setup.name, rows_m, reps=reps, warmup=warmup, threads=t, meta=meta,
+            progress=not args.no_progress)]
+    finally:
+        if setup.cleanup:
+            setup.cleanup()
+    cpu_kernel.write(out, rows, COLUMNS)
+    print()
+    print(cpu_kernel.summary(rows))
+    print(f"\nwrote {len(rows)} rows to {out}\nnote: {CPU_NOTE}")
+    bad = cpu_kernel.first_failure(rows)
+    if bad is not None or not rows:
+        print(f"{prog} bench-cpu: " + (f"{bad['kind']} M={bad['M']}: {bad['reason']}" if bad else
+                                         "the checkpoint has no bitmap factor"), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _main(args, prog: str = "fips-kernels") -> int:
     threads = _ints(args.threads, "--threads", [1])
     batches = _ints(args.batch, "--batch", [1, 32])
     reps = args.reps if args.reps is not None else (5 if args.tiny else 30)
@@ -468,12 +508,19 @@ def _main(args) -> int:
         import transformers  # noqa: F401
     except ImportError:
         raise CpuBenchError("bench-cpu needs transformers (pip install 'fips-kernels[compress]')") from None
-    out = args.out or default_out(args.tiny)
+    kernels = getattr(args, "kernels", False)
+    if getattr(args, "rows", None) is not None and not kernels:
+        raise CpuBenchError("--rows goes with --kernels")
+    if kernels and args.batch is not None:
+        raise CpuBenchError("--kernels times single calls of M rows: give --rows, not --batch")
+    out = args.out or default_out(args.tiny, kernels)
     if args.out is None:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     elif not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise CpuBenchError(f"--out {out}: the folder does not exist; create it first")
     setup = tiny_setup() if args.tiny else minilm_setup(args.checkpoint, args.cache_dir)
+    if kernels:
+        return _kernels(setup, args, out, threads, reps, warmup, prog)
     try:
         variants = load_variants(setup)
         print(f"CPU benchmark of {setup.name} ({len(setup.linears)} MLP layers, dense "
