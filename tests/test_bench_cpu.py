@@ -85,7 +85,9 @@ def test_a_variant_that_cannot_load_or_run_gets_a_failed_row():
 def test_kernels_mode_times_the_kernel_against_the_dense_gemm(tmp_path, capsys):
     """``--kernels``: one row per (factor, M), the kernel's output checked against fp64 truth, both
     timings and the rate ratio present; ``--rows`` outside ``--kernels`` and ``--batch`` inside are refused."""
-    if not hasattr(torch.ops.fips_kernels_cpu, "bitmap_mm"):
+    from fips_kernels import _extension
+
+    if not _extension.CPU.available():
         pytest.skip("the CPU kernels are not built")
     out = tmp_path / "kernel.csv"
     rc = cli.main(["bench-cpu", "--tiny", "--kernels", "--rows", "1", "150", "--out", str(out), "--reps", "2",

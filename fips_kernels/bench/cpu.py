@@ -467,8 +467,10 @@ def _kernels(setup: Setup, args, out: str, threads: List[int], reps: int, warmup
 
     rows_m = _ints(args.rows, "--rows", cpu_kernel.default_rows())
     try:
-        if not hasattr(torch.ops.fips_kernels_cpu, "bitmap_mm"):
-            raise CpuBenchError("the CPU kernels are not built (fips-kernels info says why)")
+        from .. import _extension
+
+        if not _extension.CPU.available():
+            raise CpuBenchError(f"the CPU kernels are not available: {_extension.CPU.error()}")
         compressed = next(v for v in load_variants(setup, ("compressed",)) if v.mode == "compressed")
         if compressed.model is None:
             raise CpuBenchError(f"cannot load {setup.checkpoint}: {compressed.error}")
