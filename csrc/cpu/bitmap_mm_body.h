@@ -15,9 +15,9 @@
 //     accumulating value · xT[k, rows] in registers (the xT panel stays in L1);
 //   * two passes or more (entry_strip): the same walk, but each value's xT row and its
 //     dequantised value are worked out once per strip into a list that every pass replays
-//     (one load, one broadcast and 8 FMAs per value): 15–30 % faster than column_strip from
-//     two passes on (M = 200 and 640 on AVX-512, M = 65 to 640 on AVX2), 5 % slower in one
-//     pass, where the list is used once;
+//     (one load, one broadcast and 8 FMAs per value): faster than column_strip from two
+//     passes on in development A/B timings (MiniLM's factors, every copy), a few per cent
+//     slower in one pass, where the list is used once (docs/CPU.md);
 // then bias and the store into y (M × N): 16 × 16 blocks transposed in registers where the
 // vectors hold 16 floats (store_columns).
 
