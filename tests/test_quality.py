@@ -191,3 +191,28 @@ def test_fips_is_compared_with_the_peers_curve():
     assert table[3].endswith("| yes |") and "none" in table[3]
     rows[3]["cos_mean"] = "0.94"
     assert quality.fips_against_peers(rows).splitlines()[2].endswith("| no |")
+
+
+@pytest.mark.parametrize("setting, steps, lrs", [(dict(ratio=12), 1000, (2e-3, 2e-4)), (dict(ratio=8), 250, (1e-3, 1e-4)),
+                                                 (dict(ratio=4), 150, (1e-3, 1e-4)), (dict(budget=0.5), 150, (1e-3, 1e-4))])
+def test_fips_rows_train_as_the_compress_command_does_on_a_cpu(monkeypatch, setting, steps, lrs):
+    """Without --steps on a CPU the benchmark's FiPS rows run the command's built-in recipe at their
+    ratio (compress/command.py: builtin_cpu_steps, learning_rates), so its curve is the command's."""
+    import fips_kernels.compress as compress_pkg
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_compress(model, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(compress_pkg, "compress", fake_compress)
+    ctx = _tiny_context()
+    ctx.extra.update(steps=None, finetune_steps=None, cli_recipe=True)
+    with pytest.raises(Stop):
+        quality._fips(ctx, **setting)
+    assert seen["steps"] == steps and (seen["lr"], seen["finetune_lr"]) == lrs
+    assert "finetune_steps" not in seen  # as many as the block-wise steps (compress's default)

@@ -257,6 +257,11 @@ def _fips(ctx, ratio=None, **kwargs):
     for key in ("steps", "finetune_steps"):
         if ctx.extra.get(key) is not None:
             kwargs.setdefault(key, ctx.extra[key])
+    if ctx.extra.get("cli_recipe"):  # on a CPU without --steps: what `fips-kernels compress` runs at this ratio
+        from ..compress.command import builtin_cpu_steps, learning_rates
+
+        kwargs.setdefault("steps", builtin_cpu_steps(ratio, kwargs.get("qbits")))
+        kwargs["lr"], kwargs["finetune_lr"] = learning_rates(ratio, kwargs.get("lr"), kwargs.get("finetune_lr"))
     model, report = compress(model, calib_data=ctx.calib, eval_data=ctx.held, output_fn=ctx.extra.get("output_fn"),
                              **kwargs)
     c = report.config
@@ -495,8 +500,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"methods to run (default: all): {', '.join(METHODS)}")
     p.add_argument("--ratios", nargs="+", type=float, metavar="R",
                    help="FiPS target ratios (default: 4 8 10 12 16, plus the default command's budget 0.5)")
-    p.add_argument("--steps", type=int, help="FiPS block-wise steps per group (default: on a CPU as many as the "
-                                             "compress command's built-in default, 150; else 600)")
+    p.add_argument("--steps", type=int, help="FiPS block-wise steps per group (default: on a CPU the compress "
+                                             "command's built-in recipe at each ratio — 150, 250 for int4 forms, "
+                                             "1000 from 10x with doubled learning rates; else 600)")
     p.add_argument("--finetune-steps", type=int, help="FiPS end-to-end steps (default: as many as --steps)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: RTN and FiPS at one ratio with a few steps, 32 calibration samples")
@@ -589,10 +595,12 @@ def _main(args) -> int:
         if not r > 1:
             raise QualityError(f"--ratios must be > 1, got {r}")
     ctx = _load(args)
-    from ..compress.command import BUILTIN_CPU_STEPS
-
-    steps = args.steps if args.steps is not None else (BUILTIN_CPU_STEPS if ctx.device.type == "cpu" else 600)
-    ctx.extra.update(steps=steps, finetune_steps=args.finetune_steps, progress=not args.no_progress)
+    # FiPS steps: --steps if given; on a CPU the compress command's built-in recipe per ratio (150, 250 for int4
+    # forms, 1000 from 10x at doubled learning rates: compress/command.py); else 600
+    cli_recipe = args.steps is None and ctx.device.type == "cpu"
+    steps = args.steps if args.steps is not None else (None if cli_recipe else 600)
+    ctx.extra.update(steps=steps, finetune_steps=args.finetune_steps, cli_recipe=cli_recipe,
+                     progress=not args.no_progress)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out = args.out or f"quality_{ctx.device.type}_{ctx.name.replace('/', '_')}_{stamp}.csv"
     print(f"quality benchmark of {ctx.name}: {len(ctx.linears)} MLP layers, {ctx.dense_bytes / 2**20:.2f} MiB dense; "
