@@ -216,3 +216,36 @@ def test_fips_rows_train_as_the_compress_command_does_on_a_cpu(monkeypatch, sett
         quality._fips(ctx, **setting)
     assert seen["steps"] == steps and (seen["lr"], seen["finetune_lr"]) == lrs
     assert "finetune_steps" not in seen  # as many as the block-wise steps (compress's default)
+
+
+def test_the_model_argument_is_parsed_before_loading(monkeypatch):
+    """``bench-quality`` with no model loads the built-in default and with a name parses it (a bare
+    string or None handed to the loader crashed with an AttributeError)."""
+    import argparse
+
+    from fips_kernels.compress import command
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_load(spec, args):
+        seen.append(spec)
+        raise Stop
+
+    monkeypatch.setattr(command, "load_model", fake_load)
+    args = argparse.Namespace(model=None, input_size=None, checkpoint=None, no_pretrained=False)
+    with pytest.raises(Stop):
+        quality._load(args)
+    assert seen[-1].source == "default" and seen[-1].name == "all-MiniLM-L6-v2"
+    pytest.importorskip("timm")
+    args.model, args.input_size = "vit_tiny_patch16_224", 96
+    with pytest.raises(Stop):
+        quality._load(args)
+    assert seen[-1].source == "timm"
+
+
+def test_an_unknown_model_is_a_clean_error(capsys):
+    assert cli.main(["bench-quality", "no-such-model-xyz", "--quick"]) == 2
+    assert "no-such-model-xyz" in capsys.readouterr().err

@@ -522,10 +522,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _load(args) -> Context:
     from ..compress import calibration
-    from ..compress.command import CommandError, load_data, load_model
+    from ..compress.command import CommandError, check_model_flags, load_data, load_model, parse_model
     from .quality_text import HELD_BACK
 
-    loaded = load_model(args.model, args)
+    spec = parse_model(args.model)  # the built-in default (None), a Hugging Face directory or a timm name
+    check_model_flags(spec, args)
+    loaded = load_model(spec, args)
     args.holdout = 0.0
     calib = load_data(loaded, args)
     if args.eval_data is not None:
