@@ -173,3 +173,18 @@ def make_factor(K, N, fmt, opts, dtype=torch.float32, device="cpu", density=0.3)
     if fmt == "ell":  # k cannot exceed the list length of a small factor
         opts = dict(opts, k=max(1, min(opts["k"], (K, N)[opts["axis"]])))
     return SparseFactor.pack(dense, fmt, **opts), dense
+
+
+class CallStopped(Exception):
+    """Raised by :func:`stop_and_record`'s stand-in once it has recorded its call."""
+
+
+def stop_and_record(seen: dict):
+    """A stand-in for a long call (``compress``, a model loader): records its keyword arguments in
+    ``seen`` (its positional ones under ``"args"``) and raises :class:`CallStopped`, so a test checks
+    what a command would hand the call without running it."""
+    def stand_in(*args, **kwargs):
+        seen.update(kwargs, args=args)
+        raise CallStopped
+
+    return stand_in

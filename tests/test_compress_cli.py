@@ -371,21 +371,15 @@ def test_the_built_in_recipe_trains_high_ratios_longer_at_higher_rates():
 def test_the_built_in_default_passes_its_recipe_to_compress(argv, steps, lr, finetune_lr, bert_dir, tmp_path,
                                                             monkeypatch):
     """What the command hands compress() for the built-in default on a CPU (a tiny BERT stands in for it)."""
+    from conftest import CallStopped, stop_and_record
+
     from fips_kernels.compress import api, command
 
     seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def compress(model, **kwargs):
-        seen.update(kwargs)
-        raise Stop
-
     real_load = command._load_hf
     monkeypatch.setattr(command, "load_model", lambda spec, args: real_load(str(bert_dir), spec.name))
-    monkeypatch.setattr(api, "compress", compress)
-    with pytest.raises(Stop):
+    monkeypatch.setattr(api, "compress", stop_and_record(seen))
+    with pytest.raises(CallStopped):
         cli.main(["compress", "--out", str(tmp_path / "m.safetensors"), "--device", "cpu", "--no-progress", *argv])
     assert (seen["steps"], seen["finetune_steps"], seen["lr"], seen["finetune_lr"]) == (steps, steps, lr,
                                                                                          finetune_lr)

@@ -199,20 +199,13 @@ def test_fips_rows_train_as_the_compress_command_does_on_a_cpu(monkeypatch, sett
     """Without --steps on a CPU the benchmark's FiPS rows run the command's built-in recipe at their
     ratio (compress/command.py: builtin_cpu_steps, learning_rates), so its curve is the command's."""
     import fips_kernels.compress as compress_pkg
+    from conftest import CallStopped, stop_and_record
 
     seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_compress(model, **kwargs):
-        seen.update(kwargs)
-        raise Stop
-
-    monkeypatch.setattr(compress_pkg, "compress", fake_compress)
+    monkeypatch.setattr(compress_pkg, "compress", stop_and_record(seen))
     ctx = _tiny_context()
     ctx.extra.update(steps=None, finetune_steps=None, cli_recipe=True)
-    with pytest.raises(Stop):
+    with pytest.raises(CallStopped):
         quality._fips(ctx, **setting)
     assert seen["steps"] == steps and (seen["lr"], seen["finetune_lr"]) == lrs
     assert "finetune_steps" not in seen  # as many as the block-wise steps (compress's default)
@@ -223,27 +216,22 @@ def test_the_model_argument_is_parsed_before_loading(monkeypatch):
     string or None handed to the loader crashed with an AttributeError)."""
     import argparse
 
+    from conftest import CallStopped, stop_and_record
+
     from fips_kernels.compress import command
 
-    seen = []
-
-    class Stop(Exception):
-        pass
-
-    def fake_load(spec, args):
-        seen.append(spec)
-        raise Stop
-
-    monkeypatch.setattr(command, "load_model", fake_load)
+    seen = {}
+    monkeypatch.setattr(command, "load_model", stop_and_record(seen))
     args = argparse.Namespace(model=None, input_size=None, checkpoint=None, no_pretrained=False)
-    with pytest.raises(Stop):
+    with pytest.raises(CallStopped):
         quality._load(args)
-    assert seen[-1].source == "default" and seen[-1].name == "all-MiniLM-L6-v2"
+    spec = seen["args"][0]
+    assert spec.source == "default" and spec.name == "all-MiniLM-L6-v2"
     pytest.importorskip("timm")
     args.model, args.input_size = "vit_tiny_patch16_224", 96
-    with pytest.raises(Stop):
+    with pytest.raises(CallStopped):
         quality._load(args)
-    assert seen[-1].source == "timm"
+    assert seen["args"][0].source == "timm"
 
 
 def test_an_unknown_model_is_a_clean_error(capsys):
