@@ -127,12 +127,11 @@ struct BitmapArgs {
   }
 };
 
-// Per-thread scratch of one column strip (kt tiles × 64): see bitmap_mm_body.h.
-// Rows from which the column walk replays a per-strip entry list (bitmap_mm_body.h).
 // Reduction rows per panel of the replayed column walk (entry_strip in bitmap_mm_body.h): a
 // panel's xT rows (32 × 128 floats) stay in L1 while every column of the strip adds from them.
 static constexpr int ENTRY_PANEL = 32;
 
+// Per-thread scratch of one column strip (kt tiles × 64): see bitmap_mm_body.h.
 struct TileScratch {
   uint64_t* colmask;
   uint64_t* rowmask;

@@ -76,12 +76,11 @@ static inline void transpose16(vfloat* r) {
 #undef FIPS_HI_2
 #undef FIPS_LO_1
 #undef FIPS_HI_1
-#define FIPS_HAS_TRANSPOSE16 1
 #endif
 
 static void store_columns(const BitmapArgs& a, int64_t j, int64_t m0, int64_t rows, const float* acc,
                           int64_t MC) {
-#ifdef FIPS_HAS_TRANSPOSE16
+#if FIPS_VBYTES == 64 && (defined(__clang__) || __GNUC__ >= 12)  // transpose16 is defined
   const int64_t cols = a.strip_cols(j);
   if (a.activation == 0 && cols >= 16 && rows >= 16) {
     const int64_t col0 = j * a.tn, cfull = cols / 16 * 16, qfull = rows / 16 * 16;
