@@ -3,7 +3,8 @@ against torch's dense fp32 GEMM of the same product, per MLP factor shape of the
 
 For the first expand and the first contract layer of the checkpoint, and each row count M, the two
 are timed interleaved in one process (:func:`~.cpu.interleaved`): the kernel on the factor as stored
-(``path="auto"``: what the compressed mode runs) and ``x @ B`` with the factor decoded to a dense fp32
+(``path="auto"``: what the compressed mode runs; which loop that is at each M is bitmap_mm's choice,
+docs/CPU.md) and ``x @ B`` with the factor decoded to a dense fp32
 ``K × N`` matrix (what the dense model's multiply costs for that shape). A row says the milliseconds,
 the multiply-adds per second of each — the kernel's counted on the stored values only (``nnz · M``),
 the GEMM's on all of them (``K · N · M``) — and their ratio, which is how far the sparse product runs
@@ -11,14 +12,14 @@ from the dense GEMM's rate per useful multiply-add. Its output is checked agains
 """
 from __future__ import annotations
 
-import csv
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from ..modules import FiPSLinear
+from .rows import describe, write_rows
 
-KERNEL_COLUMNS = ["model", "layer", "kind", "K", "N", "nnz", "density", "value_bits", "M", "threads", "path",
+KERNEL_COLUMNS = ["model", "layer", "kind", "K", "N", "nnz", "density", "value_bits", "M", "threads",
                   "kernel_median_ms", "gemm_median_ms", "kernel_useful_gmacs", "gemm_gmacs", "useful_rate_vs_gemm",
                   "time_vs_gemm", "max_rel_err", "status", "reason", "reps", "warmup"]
 
@@ -30,21 +31,6 @@ def factor_layers(model: torch.nn.Module) -> List[tuple]:
         if isinstance(m, FiPSLinear) and m.factor.format == "bitmap" and m.kind not in seen:
             seen[m.kind] = (name, m)
     return [seen[k] for k in ("expand", "contract") if k in seen]
-
-
-def _path(M: int) -> str:
-    """The code path ``bitmap_mm`` takes at ``M`` rows on this CPU (docs/CPU.md)."""
-    ext = torch.ops.fips_kernels_cpu
-    isa = ext.isa()
-    if ext.has_rows_kernel() and M <= 64:
-        return "rows (avx512)"
-    lanes = {"avx512": 16, "avx2": 8}.get(isa, 4)
-    vectors = -(-M // lanes)
-    if vectors <= 2:
-        return f"row walk ({isa})"
-    if vectors <= 4 or M <= 8 * lanes:
-        return f"column walk ({isa})"
-    return f"replayed walk ({isa})"
 
 
 def kernel_rows(model: torch.nn.Module, model_name: str, rows: Sequence[int], *, reps: int, warmup: int,
@@ -73,14 +59,14 @@ def kernel_rows(model: torch.nn.Module, model_name: str, rows: Sequence[int], *,
 
             row = dict(meta, model=model_name, layer=name, kind=layer.kind, K=str(K), N=str(N), nnz=str(nnz),
                        density=f"{nnz / (K * N):.4f}", value_bits=str(f.qbits or torch.finfo(f.dtype).bits),
-                       M=str(M), threads=str(threads), path=_path(M), reps=str(reps), warmup=str(warmup),
+                       M=str(M), threads=str(threads), reps=str(reps), warmup=str(warmup),
                        status="ok", reason="")
             try:
                 truth = x.double() @ dense.double()
                 err = ((kernel().double() - truth).abs().max() / truth.abs().max().clamp_min(1e-30)).item()
                 times = interleaved({"kernel": kernel, "gemm": gemm}, warmup, reps)
             except Exception as exc:  # noqa: BLE001 - a failing shape is a row, not the end of the run
-                row.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
+                row.update(status="failed", reason=describe(exc))
                 out.append(row)
                 continue
             k_ms = sorted(times["kernel"])[len(times["kernel"]) // 2]
@@ -94,27 +80,23 @@ def kernel_rows(model: torch.nn.Module, model_name: str, rows: Sequence[int], *,
                 row.update(status="failed", reason=f"WARNING: relative error {err:.2e} against fp64 truth")
             out.append(row)
             if progress:
-                print(f"  {layer.kind:8s} {K}x{N} M={M:5d} {row['path']:24s} kernel {k_ms:8.3f} ms "
+                print(f"  {layer.kind:8s} {K}x{N} M={M:5d} kernel {k_ms:8.3f} ms "
                       f"({useful:6.2f} G useful MAC/s)  dense GEMM {g_ms:8.3f} ms ({full:6.2f} G MAC/s)", flush=True)
     return out
 
 
 def write(path: str, rows: Sequence[Dict[str, str]], metadata_columns: Sequence[str]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=[*KERNEL_COLUMNS, *[c for c in metadata_columns if c not in KERNEL_COLUMNS]],
-                           extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(path, list(rows), [*KERNEL_COLUMNS, *[c for c in metadata_columns if c not in KERNEL_COLUMNS]])
 
 
 def summary(rows: Sequence[Dict[str, str]]) -> str:
-    lines = ["| factor (K × N, density) | M | path | kernel ms | dense GEMM ms | useful MAC/s vs GEMM | time vs GEMM |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| factor (K × N, density) | M | kernel ms | dense GEMM ms | useful MAC/s vs GEMM | time vs GEMM |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['kind']} {r['K']} × {r['N']} | {r['M']} | {r['path']} | {r['reason']} | | | |")
+            lines.append(f"| {r['kind']} {r['K']} × {r['N']} | {r['M']} | {r['reason']} | | | |")
             continue
-        lines.append(f"| {r['kind']} {r['K']} × {r['N']} ({float(r['density']):.2f}) | {r['M']} | {r['path']} | "
+        lines.append(f"| {r['kind']} {r['K']} × {r['N']} ({float(r['density']):.2f}) | {r['M']} | "
                      f"{r['kernel_median_ms']} | {r['gemm_median_ms']} | {float(r['useful_rate_vs_gemm']):.2f} | "
                      f"{float(r['time_vs_gemm']):.2f}x |")
     return "\n".join(lines)
